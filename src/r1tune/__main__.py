@@ -1,0 +1,3 @@
+from r1tune.cli import main
+
+raise SystemExit(main())

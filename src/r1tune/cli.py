@@ -1,0 +1,149 @@
+"""`r1tune` command line: one thin function per subcommand.
+
+Every subcommand parses its arguments, loads the config, and calls one function.
+A UserError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from r1tune import __version__
+from r1tune.errors import UserError
+
+EXAMPLES = {
+    "train": "example: r1tune train examples/quickstart.yaml learning_rate=1e-4 max_steps=50",
+    "chat": "example: r1tune chat outputs/quickstart --prompt \"Is 4827 even or odd?\"",
+    "tiny": "example: r1tune tiny models/tiny-deepseek --arch deepseek_v3",
+    "env": "example: r1tune env",
+    "data": "example: r1tune data check examples/quickstart.yaml",
+}
+
+
+def cmd_train(args) -> int:
+    from r1tune.config import load_config
+    from r1tune.train.stages.sft import run_sft
+
+    run_sft(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from r1tune.config import load_config
+    from r1tune.data.dataset import prepare_data
+    from r1tune.data.templates import apply_template_choice
+    from r1tune.models.loading import ensure_tiny_model, load_tokenizer, resolve_model_path
+    from r1tune.ui import console
+
+    cfg = load_config(args.config, args.overrides)
+    ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model_name_or_path), cfg.trust_remote_code)
+    apply_template_choice(tokenizer, cfg.template, args.config)
+    data = prepare_data(cfg, tokenizer)
+    for line in data.report.lines():
+        console.print(f"data: {line}")
+    console.print(f"ok: {len(data.train)} training and {len(data.val)} validation samples")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from r1tune.serve.chat import chat_loop, load_for_chat, reply
+
+    model, tokenizer = load_for_chat(args.dir)
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args.max_new_tokens, args.temperature)
+        return 0
+    chat_loop(model, tokenizer, args.system, args.max_new_tokens, args.temperature)
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from r1tune.models.tiny import build_tiny
+
+    out = build_tiny(args.out, args.arch, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.layers)
+    print(f"wrote tiny {args.arch} model and tokenizer to {out}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    from rich.table import Table
+
+    from r1tune.envinfo import collect
+    from r1tune.ui import console
+
+    table = Table(title=f"r1tune {__version__} environment")
+    table.add_column("item")
+    table.add_column("value")
+    for key, value in collect():
+        table.add_row(key, value)
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="r1tune", description="Fine-tune DeepSeek-R1-family and other causal LMs from one YAML file.",
+        epilog="Run 'r1tune COMMAND --help' for each command. Quickstart: r1tune train examples/quickstart.yaml")
+    parser.add_argument("--version", action="version", version=f"r1tune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help_text, func):
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("train", "Fine-tune a model as described by a YAML run file (LoRA, full or freeze).", cmd_train)
+    p.add_argument("config", help="YAML run file (keys: docs/config.md)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+
+    p = add("chat", "Chat with a trained output dir (adapter or full model); reasoning is shown apart from the answer.", cmd_chat)
+    p.add_argument("dir", help="an r1tune output_dir, or any model folder")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+
+    p = add("tiny", "Build a small random model + DeepSeek-R1 tokenizer offline (seeded, seconds).", cmd_tiny)
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--arch", choices=["deepseek_v3", "qwen2", "llama"], default="deepseek_v3")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+
+    add("env", "Show versions of python/torch/transformers/peft/trl/accelerate, devices, bf16 support and extras.", cmd_env)
+
+    p = add("data", "Check a run's data: read, convert, template and tokenize every record, and report.", cmd_data_check)
+    p.add_argument("action", choices=["check"], help="check: validate and report counts")
+    p.add_argument("config", help="YAML run file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    return parser
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,196 @@
+"""The run configuration: one flat YAML file, validated strictly.
+
+Key names follow LLaMA-Factory / Hugging Face TrainingArguments where the two tools
+share an option, so a LLaMA-Factory YAML works unchanged for those options.
+`docs/config.md` is generated from this schema (`python -m r1tune.config`) and a
+test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from r1tune.errors import UserError, did_you_mean
+
+# Keys other tools accept that change nothing in an r1tune run; accepted with a notice
+# so that a LLaMA-Factory YAML runs unchanged.
+NO_EFFECT_KEYS = {
+    "overwrite_cache": "tokenized data is not cached yet",
+    "preprocessing_num_workers": "preprocessing runs in-process",
+    "dataloader_num_workers": "batches are built in-process",
+    "ddp_timeout": "multi-process training is not used by this run",
+    "save_only_model": "checkpoints always keep optimizer state so they can resume",
+    "do_eval": "evaluation runs whenever val_size > 0",
+    "eval_strategy": "evaluation follows eval_steps",
+    "save_strategy": "saving follows save_steps",
+    "logging_strategy": "logging follows logging_steps",
+    "flash_attn": "the attention kernel is chosen by attn_implementation",
+}
+
+
+class RunConfig(BaseModel):
+    """Every key of a run file. Descriptions become docs/config.md."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- model -----------------------------------------------------------------
+    model_name_or_path: str = Field(description="Local model folder or Hugging Face hub id of the base model.")
+    tiny_arch: Optional[Literal["deepseek_v3", "qwen2", "llama"]] = Field(
+        None, description="If model_name_or_path does not exist, first build a tiny random model of this architecture there (offline demos and tests).")
+    trust_remote_code: bool = Field(False, description="Allow model code from the checkpoint folder to run. Off by default for safety.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = Field(
+        None, description="Attention kernel; empty lets transformers choose (SDPA where supported).")
+    template: str = Field("auto", description="Chat template: 'auto' uses the tokenizer's own; 'deepseek_r1' (alias 'deepseekr1') forces the DeepSeek-R1 template.")
+    empty_think: Literal["mask", "train", "omit"] = Field(
+        "mask", description="Final answers without <think> reasoning, when the template opens '<think>\\n' in the prompt: 'mask' adds an empty think block that is not trained, 'train' adds it and trains on it, 'omit' drops the think block.")
+    # --- method ----------------------------------------------------------------
+    stage: Literal["sft"] = Field("sft", description="Training stage. Only supervised fine-tuning ('sft') so far.")
+    do_train: bool = Field(True, description="Run training (LLaMA-Factory compatibility; false makes `train` a no-op).")
+    finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="lora: PEFT LoRA adapter; full: every weight; freeze: only the top freeze_trainable_layers layers.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
+    lora_alpha: Optional[int] = Field(None, ge=1, description="LoRA alpha; empty means 2 x lora_rank.")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target: str = Field("all", description="'all', 'attention', 'mlp', or comma-separated module names (e.g. q_proj,v_proj).")
+    lora_experts: bool = Field(True, description="On MoE models, also adapt the fused routed-expert weights (mlp.experts.*) when the target covers the MLP.")
+    freeze_trainable_layers: int = Field(2, description="For finetuning_type freeze: train the last N decoder layers (negative: the first N).")
+    # --- data ------------------------------------------------------------------
+    dataset: Optional[str] = Field(None, description="A JSON/JSONL file path, or comma-separated names from dataset_dir/dataset_info.json.")
+    dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the files it names.")
+    cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per sample; longer samples are truncated (a sample left with no trained token is dropped).")
+    max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many records from each dataset.")
+    val_size: float = Field(0.0, ge=0.0, description="Held-out validation share: a fraction (< 1) or a record count (>= 1).")
+    # --- output ----------------------------------------------------------------
+    output_dir: str = Field(description="Where the adapter or model, tokenizer, logs, plots and checkpoints go.")
+    overwrite_output_dir: bool = Field(False, description="Allow training into an output_dir that already holds a trained model.")
+    # --- optimisation ----------------------------------------------------------
+    per_device_train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for training.")
+    per_device_eval_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for evaluation.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the loss is normalised over all target tokens of the step.")
+    learning_rate: float = Field(5e-5, gt=0.0, description="Peak AdamW learning rate.")
+    num_train_epochs: float = Field(3.0, gt=0.0, description="Epochs to train (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Total optimizer steps; -1 derives it from num_train_epochs.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Warmup as a fraction of total steps (used when warmup_steps is 0).")
+    warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to biases and norms).")
+    max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping.")
+    bf16: bool = Field(False, description="bfloat16 autocast with fp32 master weights (CPUs with AVX-512 BF16 and recent GPUs).")
+    fp16: bool = Field(False, description="float16 autocast with loss scaling (CUDA only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass to save memory.")
+    seed: int = Field(42, description="Seed for initialisation, data order, splits and dropout.")
+    # --- evaluation and stopping ----------------------------------------------
+    eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (needs val_size > 0); empty evaluates only at the end.")
+    early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without a lower eval loss.")
+    eval_generate_samples: int = Field(0, ge=0, description="Before and after training, generate answers for this many validation prompts and report exact-match accuracy.")
+    max_new_tokens: int = Field(128, ge=1, description="Generation limit for eval_generate_samples.")
+    # --- logging and checkpoints -----------------------------------------------
+    logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
+    save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: Optional[int] = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+    plot_loss: bool = Field(True, description="Write training_loss.png (and eval loss) to output_dir at the end.")
+    report_to: str = Field("tensorboard", description="'tensorboard' writes event files to output_dir/runs; 'none' disables them.")
+    resume_from_checkpoint: Optional[str] = Field(None, description="'auto' resumes from the newest checkpoint in output_dir; or a checkpoint folder path.")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "RunConfig":
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 cannot both be true; pick one")
+        if self.report_to not in ("tensorboard", "none", "all"):
+            raise ValueError(f"report_to must be 'tensorboard', 'all' or 'none' (got '{self.report_to}')")
+        if self.do_train and not self.dataset:
+            raise ValueError("'dataset' is required for training: give a data file path or a dataset_info.json name")
+        return self
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run file, apply `key=value` overrides, validate; UserError on any problem."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        raw[key] = value
+    return validate_config(raw, source=str(path))
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    known = set(RunConfig.model_fields)
+    for key in list(raw):
+        if key in NO_EFFECT_KEYS and key not in known:
+            print(f"note: {source}: ignoring '{key}' ({NO_EFFECT_KEYS[key]})", file=sys.stderr)
+            raw.pop(key)
+        elif key not in known:
+            raise UserError(f"unknown key '{key}' in {source}{did_you_mean(key, known) or ' — see docs/config.md for every key'}")
+    try:
+        return RunConfig(**raw)
+    except ValidationError as exc:
+        raise UserError(_describe_validation_error(exc, source)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found; pass the path of a YAML run file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the file must be a mapping of 'key: value' lines")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"command-line override '{item}' must look like key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value != "" else None
+
+
+def _describe_validation_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"{source}: required key '{key}' is missing; add it to the file"
+    if not err["loc"]:
+        return f"{source}: {msg}"
+    return f"{source}: invalid value for '{key}': {msg} (got {err.get('input')!r})"
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False, allow_unicode=True)
+
+
+def config_docs_markdown() -> str:
+    """docs/config.md: every key with its default and meaning."""
+    lines = [
+        "# Run configuration keys",
+        "",
+        "Generated from `src/r1tune/config.py` by `python -m r1tune.config > docs/config.md`.",
+        "Any key can be overridden on the command line: `r1tune train run.yaml lora_rank=16`.",
+        "Unknown keys are errors. These keys from LLaMA-Factory are accepted and ignored with a notice: "
+        + ", ".join(f"`{k}`" for k in sorted(NO_EFFECT_KEYS)) + ".",
+        "",
+        "| key | default | meaning |",
+        "|---|---|---|",
+    ]
+    for name, field in RunConfig.model_fields.items():
+        default = "required" if field.is_required() else f"`{field.default!r}`"
+        lines.append(f"| `{name}` | {default} | {field.description} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(config_docs_markdown())

@@ -1,0 +1,140 @@
+"""Render a Conversation with the tokenizer's chat template and build the label mask.
+
+Earlier assistant turns are rendered by the template itself (so their reasoning is
+dropped exactly as the template drops it). The final turn cannot come from the
+template, because the R1 template deletes its reasoning too: its prompt is the
+template's generation prompt and its target is appended here, keeping `<think>`.
+The whole text is tokenized once; each token is trained when it starts inside an
+assistant span, so labels line up with the real tokenization at every boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1tune.data.formats import Conversation
+from r1tune.data.templates import THINK_CLOSE, THINK_OPEN
+
+IGNORE = -100
+OPENED = THINK_OPEN + "\n"
+EMPTY_THINK_TAIL = "\n" + THINK_CLOSE + "\n\n"
+_SENTINEL = "\u2063r1tune-answer\u2063"
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def num_targets(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+class TemplateMismatch(ValueError):
+    """The chat template does not render conversations as growing prefixes."""
+
+
+def split_reasoning(content: str) -> tuple[str | None, str]:
+    """(reasoning or None, answer) from an assistant message that may hold <think>…</think>."""
+    if THINK_CLOSE not in content:
+        return None, content.strip()
+    before, _, _ = content.rpartition(THINK_CLOSE)
+    answer = content.split(THINK_CLOSE)[-1]
+    reasoning = before.strip()
+    if reasoning.startswith(THINK_OPEN):
+        reasoning = reasoning[len(THINK_OPEN):].strip()
+    return reasoning, answer.strip()
+
+
+def render_segments(tokenizer, messages: Conversation, empty_think: str = "mask") -> list[tuple[str, bool]]:
+    """[(text, trained?)] whose concatenation is the rendered conversation."""
+    def render(msgs, generation):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == last:
+            prompt, target = final_turn(render, messages, empty_think)
+        else:
+            full, opened = render(messages[: i + 1], False), render(messages[:i], True)
+            cut = _common_prefix_len(full, opened)
+            prompt, target = full[:cut], full[cut:]
+        if not prompt.startswith(done):
+            raise TemplateMismatch("the chat template renders a conversation's earlier turns differently from its prefix")
+        segments += [(prompt[len(done):], False), (target, True)]
+        done = prompt + target
+    return [(text, trained) for text, trained in segments if text]
+
+
+def final_turn(render, messages: Conversation, empty_think: str) -> tuple[str, str]:
+    """(prompt, target) of the last assistant message, reasoning kept."""
+    prompt = render(messages[:-1], True)
+    suffix = _turn_suffix(render, messages[:-1])
+    reasoning, answer = split_reasoning(messages[-1]["content"])
+    opened = prompt.endswith(OPENED)
+    if reasoning is not None:
+        body = f"{reasoning}{EMPTY_THINK_TAIL}{answer}"
+        return prompt, (body if opened else OPENED + body) + suffix
+    if not opened:
+        return prompt, answer + suffix
+    if empty_think == "mask":
+        return prompt + EMPTY_THINK_TAIL, answer + suffix
+    if empty_think == "train":
+        return prompt, EMPTY_THINK_TAIL + answer + suffix
+    return prompt[: -len(OPENED)], answer + suffix  # omit
+
+
+def generation_prompt(tokenizer, messages: Conversation) -> str:
+    """The prompt a model sees at inference for the conversation's last assistant turn."""
+    history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
+    return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+
+
+def _turn_suffix(render, history: Conversation) -> str:
+    """What the template writes after an assistant message's content (e.g. the EOS token)."""
+    text = render(history + [{"role": "assistant", "content": _SENTINEL}], False)
+    if _SENTINEL not in text:
+        raise TemplateMismatch("the chat template does not render the assistant's content")
+    return text.split(_SENTINEL, 1)[1]
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> Example:
+    """Tokenize the joined text once; label tokens that start inside a trained span."""
+    text = "".join(t for t, _ in segments)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, pos = [], 0
+    for seg_text, trained in segments:
+        if trained:
+            spans.append((pos, pos + len(seg_text)))
+        pos += len(seg_text)
+    labels, span_i = [], 0
+    for token_id, (start, _end) in zip(enc["input_ids"], enc["offset_mapping"]):
+        while span_i < len(spans) and start >= spans[span_i][1]:
+            span_i += 1
+        inside = span_i < len(spans) and spans[span_i][0] <= start
+        labels.append(token_id if inside else IGNORE)
+    return Example(list(enc["input_ids"]), labels)
+
+
+def truncate(example: Example, cutoff_len: int) -> Example:
+    if len(example.input_ids) <= cutoff_len:
+        return example
+    return Example(example.input_ids[:cutoff_len], example.labels[:cutoff_len], truncated=True)
+
+
+def encode_conversation(tokenizer, messages: Conversation, cutoff_len: int, empty_think: str = "mask") -> Example:
+    return truncate(encode_segments(tokenizer, render_segments(tokenizer, messages, empty_think)), cutoff_len)

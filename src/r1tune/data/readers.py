@@ -1,0 +1,63 @@
+"""Read JSON / JSONL data files into (where, record) pairs, naming the line of any error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from r1tune.errors import UserError
+
+
+def read_records(path: str | Path, limit: int | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield ('file line N' or 'file record N', record) for a .json array or JSON-lines file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"data file '{path}' not found; check 'dataset' (and 'dataset_dir') in the config")
+    if _is_json_lines(path):
+        yield from _read_jsonl(path, limit)
+    else:
+        yield from _read_json_array(path, limit)
+
+
+def _is_json_lines(path: Path) -> bool:
+    if path.suffix == ".jsonl":
+        return True
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    return not head.startswith("[")
+
+
+def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict]]:
+    count = 0
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); fix or remove this line") from None
+            yield where, _require_object(record, where)
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def _read_json_array(path: Path, limit: int | None) -> Iterator[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}); fix the file") from None
+    if not isinstance(data, list):
+        raise UserError(f"{path}: a .json data file must hold a list of records (or use JSON lines, one record per line)")
+    for index, record in enumerate(data[:limit] if limit else data):
+        where = f"{path} record {index}"
+        yield where, _require_object(record, where)
+
+
+def _require_object(record, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: each record must be a JSON object, got {type(record).__name__}")
+    return record

@@ -1,0 +1,58 @@
+"""Greedy generation on held-out prompts and exact-match accuracy of the final answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1tune.data.encode import generation_prompt, split_reasoning
+from r1tune.data.formats import Conversation
+from r1tune.data.templates import THINK_CLOSE, THINK_OPEN
+
+
+@dataclass
+class GenerationScore:
+    accuracy: float
+    correct: int
+    total: int
+    samples: list[tuple[str, str, str]]  # (prompt question, expected answer, generated text)
+
+
+def answer_of(generated: str, prompt: str) -> str:
+    """The final answer in generated text; '' while a reasoning block the prompt opened is unclosed."""
+    opened = prompt.rstrip().endswith(THINK_OPEN)
+    if THINK_CLOSE in generated:
+        return generated.split(THINK_CLOSE)[-1].strip()
+    return "" if opened else generated.strip()
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Greedy continuations of rendered prompts (left-padded batches)."""
+    device = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs = []
+    model.eval()
+    try:
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i:i + batch_size], add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def exact_match(model, tokenizer, conversations: list[Conversation], max_new_tokens: int) -> GenerationScore:
+    prompts = [generation_prompt(tokenizer, c) for c in conversations]
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens)
+    correct, samples = 0, []
+    for conv, prompt, text in zip(conversations, prompts, texts):
+        expected = split_reasoning(conv[-1]["content"])[1]
+        correct += answer_of(text, prompt) == expected
+        samples.append((conv[-2]["content"], expected, text))
+    return GenerationScore(correct / max(len(texts), 1), correct, len(texts), samples)

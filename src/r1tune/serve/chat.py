@@ -1,0 +1,103 @@
+"""Terminal chat with a fine-tuned output dir: streaming, reasoning shown apart from the answer."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+from r1tune.data.templates import THINK_CLOSE
+from r1tune.errors import UserError
+from r1tune.models.loading import load_model, load_tokenizer, read_adapter_base
+from r1tune.models.methods import load_lora
+
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def load_for_chat(folder: str):
+    """(model, tokenizer) from an r1tune output dir: base + LoRA adapter, or a full model."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise UserError(f"'{folder}' is not a folder; pass an r1tune output_dir or a model folder")
+    base = read_adapter_base(path)
+    tokenizer = load_tokenizer(str(path))
+    if base is None:
+        return load_model(str(path)), tokenizer
+    return load_lora(load_model(base), str(path)), tokenizer
+
+
+class ReasoningPrinter:
+    """Prints streamed text; reasoning (before </think>) dimmed under its own heading."""
+
+    def __init__(self, out=sys.stdout, reasoning_open: bool = True):
+        self.out, self.in_reasoning, self.buffer = out, reasoning_open, ""
+        self.color = out.isatty()
+        if reasoning_open:
+            self._write("[reasoning]\n", dim=True)
+
+    def feed(self, text: str) -> None:
+        if not self.in_reasoning:
+            self._write(text)
+            return
+        self.buffer += text
+        if THINK_CLOSE in self.buffer:
+            thought, _, rest = self.buffer.partition(THINK_CLOSE)
+            self._write(thought, dim=True)
+            self._write("\n[answer]\n")
+            self.in_reasoning, self.buffer = False, ""
+            self._write(rest.lstrip("\n"))
+        elif len(self.buffer) > len(THINK_CLOSE):
+            keep = len(THINK_CLOSE)  # hold back a possible partial tag
+            self._write(self.buffer[:-keep], dim=True)
+            self.buffer = self.buffer[-keep:]
+
+    def finish(self) -> None:
+        if self.buffer:
+            self._write(self.buffer, dim=self.in_reasoning)
+        self._write("\n")
+
+    def _write(self, text: str, dim: bool = False) -> None:
+        self.out.write(f"{DIM}{text}{RESET}" if dim and self.color else text)
+        self.out.flush()
+
+
+def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, out=sys.stdout) -> str:
+    """Stream one assistant reply to `out`; return the full generated text."""
+    from transformers import TextIteratorStreamer
+
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling)
+    thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    thread.start()
+    printer = ReasoningPrinter(out, reasoning_open=prompt.rstrip().endswith("<think>"))
+    pieces = []
+    for piece in streamer:
+        pieces.append(piece)
+        printer.feed(piece)
+    thread.join()
+    printer.finish()
+    return "".join(pieces)
+
+
+def chat_loop(model, tokenizer, system: str | None, max_new_tokens: int, temperature: float) -> None:
+    messages = [{"role": "system", "content": system}] if system else []
+    print("r1tune chat — type a message; /clear starts over, /exit quits.")
+    while True:
+        try:
+            text = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/clear":
+            messages = messages[:1] if system else []
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = reply(model, tokenizer, messages, max_new_tokens, temperature)
+        messages.append({"role": "assistant", "content": answer})

@@ -1,0 +1,50 @@
+"""Deterministic batch order and padding for causal-LM examples."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from r1tune.data.encode import IGNORE, Example
+
+
+def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Micro-batches of example indices for one epoch; the same (seed, epoch) gives the same order."""
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int) -> int:
+    return math.ceil(math.ceil(n_examples / batch_size) / accumulation)
+
+
+def step_micro_batches(examples: list[Example], batch_size: int, accumulation: int, seed: int,
+                       step: int) -> list[list[Example]]:
+    """The micro-batches that make up global optimizer step `step` (0-based)."""
+    per_epoch = steps_per_epoch(len(examples), batch_size, accumulation)
+    epoch, within = divmod(step, per_epoch)
+    batches = epoch_order(len(examples), batch_size, seed, epoch)
+    chosen = batches[within * accumulation:(within + 1) * accumulation]
+    return [[examples[i] for i in batch] for batch in chosen]
+
+
+def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sample; padding is masked out of attention and loss."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example.input_ids)
+        ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss after the causal shift."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

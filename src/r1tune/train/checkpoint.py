@@ -1,0 +1,101 @@
+"""Resumable checkpoints, written atomically (a temp folder renamed into place).
+
+A checkpoint holds only what training changes: the trainable weights (safetensors),
+the optimizer state (loaded back with weights_only=True, never a general unpickle),
+the RNG state and a small JSON trainer state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from r1tune.errors import UserError
+
+STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.safetensors"
+
+
+@dataclass
+class TrainerState:
+    global_step: int = 0
+    best_eval_loss: float | None = None
+    evals_without_improvement: int = 0
+
+
+def atomic_dir(final: Path):
+    """A fresh temp folder beside `final`; call commit_dir() to move it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    os.chmod(tmp, 0o755)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_checkpoint(output_dir: Path, model, optimizer, state: TrainerState, limit: int | None) -> Path:
+    final = output_dir / f"checkpoint-{state.global_step}"
+    tmp = atomic_dir(final)
+    try:
+        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / WEIGHTS_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / RNG_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+        commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if limit:
+        for old in list_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
+    """'auto' → newest checkpoint in output_dir (None when there is none); else the given folder."""
+    if spec == "auto":
+        found = list_checkpoints(output_dir) if output_dir.is_dir() else []
+        return found[-1] if found else None
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"resume_from_checkpoint '{spec}' is not an r1tune checkpoint folder (no {STATE_FILE}); use 'auto' or a checkpoint-N folder")
+    return path
+
+
+def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
+    weights = load_file(str(path / WEIGHTS_FILE))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise UserError(f"checkpoint '{path}' does not match this run's trainable weights (e.g. '{missing[0]}'); resume with the config that wrote it")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+    rng = load_file(str(path / RNG_FILE))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))

@@ -1,0 +1,74 @@
+"""Where training metrics go: trainer_log.jsonl, TensorBoard events, and a loss plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON object per record to trainer_log.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, output_dir: Path, tensorboard: bool):
+        self.path = output_dir / "trainer_log.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.writer is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    path = output_dir / "trainer_log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_log_after(output_dir: Path, step: int) -> None:
+    """On resume, forget records logged after the checkpoint's step."""
+    records = [r for r in read_log(output_dir) if r["step"] <= step]
+    path = output_dir / "trainer_log.jsonl"
+    if path.exists():
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+
+
+def plot_loss(output_dir: Path) -> Path | None:
+    """training_loss.png: train loss per logged step, eval loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(output_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval"]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("r1tune training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = output_dir / "training_loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,117 @@
+"""Supervised fine-tuning, top to bottom: check → data → model → method → train → save.
+
+Everything a user can get wrong (config, data, model path, output dir) is checked
+before the first byte is written to output_dir.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from r1tune.config import RunConfig, config_to_yaml
+from r1tune.data.dataset import prepare_data
+from r1tune.data.templates import apply_template_choice
+from r1tune.errors import UserError
+from r1tune.evaluation.generate import GenerationScore, exact_match
+from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
+from r1tune.models.methods import attach_method, describe_trainable, exact_lora_targets
+from r1tune.train.checkpoint import atomic_dir, find_checkpoint, list_checkpoints
+from r1tune.train.logs import plot_loss
+from r1tune.train.trainer import TrainResult, Trainer
+from r1tune.ui import console, print_comparison
+
+FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml")
+RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png")
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir '{out}' is a file; choose a folder path")
+    ancestor = out
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir '{out}' cannot be created: '{ancestor}' is not a writable folder; choose another output_dir")
+    finished = out.is_dir() and any((out / m).exists() for m in FINISHED_MARKERS)
+    if finished and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        raise UserError(f"output_dir '{out}' already holds a trained model; set overwrite_output_dir: true, "
+                        "resume_from_checkpoint: auto, or choose another folder")
+
+
+def clear_previous_run(out: Path) -> None:
+    """A fresh (not resumed) run into an existing folder drops the old run's logs and checkpoints."""
+    for name in RUN_ARTIFACTS:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    for old in list_checkpoints(out):
+        shutil.rmtree(old)
+
+
+def run_sft(cfg: RunConfig) -> TrainResult | None:
+    check_output_dir(cfg)
+    ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
+    model_path = resolve_model_path(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    apply_template_choice(tokenizer, cfg.template)
+    data = prepare_data(cfg, tokenizer)
+    for line in data.report.lines():
+        console.print(f"data: {line}")
+    if not cfg.do_train:
+        console.print("do_train is false: data checked, nothing trained")
+        return None
+    torch.manual_seed(cfg.seed)
+    model = attach_method(load_model(model_path, torch.float32, cfg.trust_remote_code, cfg.attn_implementation), cfg)
+    console.print(describe_trainable(model))
+    out = Path(cfg.output_dir)
+    resume = find_checkpoint(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
+    if cfg.resume_from_checkpoint and resume is None:
+        console.print(f"no checkpoint in {out} yet: starting from step 0")
+    out.mkdir(parents=True, exist_ok=True)
+    if resume is None:
+        clear_previous_run(out)
+    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, out)
+    if resume is not None:
+        trainer.resume(resume)
+    before = _measure(trainer, tokenizer, data.val_conversations, cfg) if resume is None else None
+    result = trainer.fit()
+    after = _measure(trainer, tokenizer, data.val_conversations, cfg, eval_loss=result.eval_loss)
+    save_final(model, tokenizer, cfg, out)
+    if cfg.plot_loss and (png := plot_loss(out)):
+        console.print(f"loss curve: {png}")
+    print_comparison(before, after)
+    console.print(f"saved to {out} after {result.global_step} steps")
+    return result
+
+
+def _measure(trainer: Trainer, tokenizer, conversations, cfg, eval_loss: float | None = None) -> dict:
+    """Eval loss, perplexity and (optionally) exact-match accuracy of generated answers."""
+    scores: dict = {}
+    if trainer.val_set:
+        loss = eval_loss if eval_loss is not None else trainer.evaluate()
+        scores.update(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
+    if cfg.eval_generate_samples and conversations:
+        score: GenerationScore = exact_match(trainer.model, tokenizer, conversations[: cfg.eval_generate_samples],
+                                             cfg.max_new_tokens)
+        scores["exact_match"] = score.accuracy
+        scores["sample"] = score.samples[0]
+    return scores
+
+
+def save_final(model, tokenizer, cfg: RunConfig, out: Path) -> None:
+    """Adapter or full model + tokenizer + resolved config, each file moved into place atomically."""
+    tmp = atomic_dir(out / "final")
+    try:
+        with exact_lora_targets():
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "r1tune_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

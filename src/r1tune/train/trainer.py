@@ -1,0 +1,200 @@
+"""The training loop: AdamW, warmup + schedule, accumulation, clipping, eval, checkpoints.
+
+One optimizer step consumes `gradient_accumulation_steps` micro-batches; each
+micro-batch's summed token loss is divided by the number of target tokens in the
+whole step, so the step's gradient is that of the mean over all its tokens no
+matter how the tokens fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from r1tune.data.encode import Example
+from r1tune.errors import UserError
+from r1tune.train import batching, checkpoint, schedule
+from r1tune.train.checkpoint import TrainerState
+from r1tune.train.logs import MetricsLog, truncate_log_after
+from r1tune.train.losses import causal_lm_loss_sum
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    last_loss: float | None
+    eval_loss: float | None
+    stopped_early: bool
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_context(device: torch.device, bf16: bool, fp16: bool):
+    if fp16 and device.type != "cuda":
+        raise UserError("config key 'fp16' needs a CUDA GPU; on CPU use 'bf16: true' or neither")
+    if bf16 or fp16:
+        return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
+    return contextlib.nullcontext()
+
+
+def total_steps(cfg, n_examples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = batching.steps_per_epoch(n_examples, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
+
+
+def build_optimizer(model, cfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for _name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
+
+
+class Trainer:
+    def __init__(self, model, cfg, train: list[Example], val: list[Example], pad_id: int, output_dir: Path):
+        self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
+        self.pad_id, self.output_dir = pad_id, output_dir
+        self.device = pick_device()
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(model, cfg)
+        self.total = total_steps(cfg, len(train))
+        self.warmup = schedule.warmup_steps(self.total, cfg.warmup_steps, cfg.warmup_ratio)
+        self.state = TrainerState()
+        self.autocast = lambda: autocast_context(self.device, cfg.bf16, cfg.fp16)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # --- public -----------------------------------------------------------------
+    def resume(self, path: Path) -> None:
+        self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer)
+        truncate_log_after(self.output_dir, self.state.global_step)
+        print(f"resumed from {path} at step {self.state.global_step}")
+
+    def fit(self) -> TrainResult:
+        log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none")
+        window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
+        last_loss, eval_loss, stopped = None, None, False
+        bar = tqdm(total=self.total, initial=self.state.global_step, desc="training", unit="step", dynamic_ncols=True)
+        try:
+            while self.state.global_step < self.total and not stopped:
+                loss, tokens, grad_norm = self.train_step(self.state.global_step)
+                self.state.global_step += 1
+                window["loss"] += loss
+                window["steps"] += 1
+                window["tokens"] += tokens
+                bar.update(1)
+                step = self.state.global_step
+                if step % self.cfg.logging_steps == 0 or step == self.total:
+                    last_loss = self._log_train(log, window, grad_norm, bar)
+                if self.val_set and self.cfg.eval_steps and step % self.cfg.eval_steps == 0 and step < self.total:
+                    eval_loss = self._log_eval(log)
+                    stopped = self._should_stop(eval_loss)
+                if step % self.cfg.save_steps == 0 and step < self.total and not stopped:
+                    checkpoint.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state, self.cfg.save_total_limit)
+        finally:
+            bar.close()
+        if self.val_set and not stopped:
+            eval_loss = self._log_eval(log)
+        log.close()
+        return TrainResult(self.state.global_step, last_loss, eval_loss, stopped)
+
+    def train_step(self, step: int) -> tuple[float, int, float]:
+        """One optimizer step; returns (mean token loss, non-pad tokens, grad norm)."""
+        cfg = self.cfg
+        micro = batching.step_micro_batches(self.train_set, cfg.per_device_train_batch_size,
+                                            cfg.gradient_accumulation_steps, cfg.seed, step)
+        batches = [batching.collate(b, self.pad_id) for b in micro]
+        n_targets = max(1, sum(batching.count_targets(b) for b in batches))
+        self.model.train()
+        total_loss, tokens = 0.0, 0
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = causal_lm_loss_sum(logits, batch["labels"]) / n_targets
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total_loss += loss.item()
+            tokens += int(batch["attention_mask"].sum())
+        grad_norm = self._apply_update(step)
+        return total_loss, tokens, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the validation set."""
+        self.model.eval()
+        total, count = 0.0, 0
+        size = self.cfg.per_device_eval_batch_size
+        for i in range(0, len(self.val_set), size):
+            batch = batching.collate(self.val_set[i:i + size], self.pad_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self.autocast():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            total += causal_lm_loss_sum(logits, batch["labels"]).item()
+            count += batching.count_targets(batch)
+        return total / max(count, 1)
+
+    # --- steps ------------------------------------------------------------------
+    def _apply_update(self, step: int) -> float:
+        lr = self.cfg.learning_rate * schedule.lr_factor(step, self.total, self.warmup, self.cfg.lr_scheduler_type)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _log_train(self, log: MetricsLog, window: dict, grad_norm: float, bar) -> float:
+        elapsed = time.perf_counter() - window["start"]
+        loss = window["loss"] / max(window["steps"], 1)
+        tps = window["tokens"] / max(elapsed, 1e-9)
+        record = {"split": "train", "step": self.state.global_step, "loss": round(loss, 6),
+                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 6),
+                  "tokens_per_s": round(tps, 1), "epoch": round(self._epoch(), 4)}
+        log.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+        window.update(loss=0.0, steps=0, tokens=0, start=time.perf_counter())
+        return loss
+
+    def _log_eval(self, log: MetricsLog) -> float:
+        loss = self.evaluate()
+        ppl = math.exp(min(loss, 50.0))
+        log.write({"split": "eval", "step": self.state.global_step, "loss": round(loss, 6), "perplexity": round(ppl, 4)})
+        tqdm.write(f"step {self.state.global_step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
+        return loss
+
+    def _should_stop(self, eval_loss: float) -> bool:
+        best = self.state.best_eval_loss
+        if best is None or eval_loss < best:
+            self.state.best_eval_loss, self.state.evals_without_improvement = eval_loss, 0
+            return False
+        self.state.evals_without_improvement += 1
+        patience = self.cfg.early_stopping_patience
+        if patience and self.state.evals_without_improvement >= patience:
+            tqdm.write(f"early stopping: eval loss has not improved for {patience} evaluations")
+            return True
+        return False
+
+    def _epoch(self) -> float:
+        per_epoch = batching.steps_per_epoch(len(self.train_set), self.cfg.per_device_train_batch_size,
+                                             self.cfg.gradient_accumulation_steps)
+        return self.state.global_step / per_epoch
