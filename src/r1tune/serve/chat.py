@@ -20,7 +20,7 @@ def load_for_chat(folder: str):
     if not path.is_dir():
         raise UserError(f"'{folder}' is not a folder; pass an r1tune output_dir or a model folder")
     base = read_adapter_base(path)
-    tokenizer = load_tokenizer(str(path))
+    tokenizer = load_tokenizer(str(path), is_model_dir=base is None)
     if base is None:
         return load_model(str(path)), tokenizer
     return load_lora(load_model(base), str(path)), tokenizer
@@ -31,13 +31,14 @@ class ReasoningPrinter:
 
     def __init__(self, out=sys.stdout, reasoning_open: bool = True):
         self.out, self.in_reasoning, self.buffer = out, reasoning_open, ""
+        self.answer_started = False
         self.color = out.isatty()
         if reasoning_open:
             self._write("[reasoning]\n", dim=True)
 
     def feed(self, text: str) -> None:
         if not self.in_reasoning:
-            self._write(text)
+            self._write_answer(text)
             return
         self.buffer += text
         if THINK_CLOSE in self.buffer:
@@ -45,11 +46,17 @@ class ReasoningPrinter:
             self._write(thought, dim=True)
             self._write("\n[answer]\n")
             self.in_reasoning, self.buffer = False, ""
-            self._write(rest.lstrip("\n"))
+            self._write_answer(rest)
         elif len(self.buffer) > len(THINK_CLOSE):
             keep = len(THINK_CLOSE)  # hold back a possible partial tag
             self._write(self.buffer[:-keep], dim=True)
             self.buffer = self.buffer[-keep:]
+
+    def _write_answer(self, text: str) -> None:
+        if not self.answer_started:  # the blank line after </think> is layout, not answer
+            text = text.lstrip("\n")
+            self.answer_started = bool(text)
+        self._write(text)
 
     def finish(self) -> None:
         if self.buffer:

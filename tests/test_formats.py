@@ -1,0 +1,78 @@
+import json
+
+import pytest
+
+from r1tune.data.dataset import load_conversations, split_validation
+from r1tune.data.formats import FormatSpec, to_conversation
+from r1tune.errors import UserError
+from tests.conftest import write_jsonl
+
+ALPACA = {"instruction": "Add", "input": "2 and 3", "output": "5", "system": "Be exact.",
+          "history": [["Hi", "Hello!"]]}
+
+
+def test_alpaca_with_system_history_and_input():
+    conv = to_conversation(ALPACA, FormatSpec("alpaca"), "r")
+    assert conv == [{"role": "system", "content": "Be exact."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Add\n2 and 3"}, {"role": "assistant", "content": "5"}]
+
+
+def test_openai_and_sharegpt_detected():
+    openai = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+                           {"role": "assistant", "content": "A"}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}], "system": "S"}
+    want = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert to_conversation(openai, FormatSpec(), "r")[1:] == want
+    assert to_conversation(sharegpt, FormatSpec("sharegpt", {"system": "system"}), "r") == \
+        [{"role": "system", "content": "S"}] + want
+
+
+def test_sharegpt_custom_tags():
+    record = {"dialog": [{"speaker": "client", "text": "Q"}, {"speaker": "agent", "text": "A"}]}
+    spec = FormatSpec("sharegpt", {"messages": "dialog"},
+                      {"role_tag": "speaker", "content_tag": "text", "user_tag": "client", "assistant_tag": "agent"})
+    assert to_conversation(record, spec, "r")[-1] == {"role": "assistant", "content": "A"}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"instruction": "x"}, "field 'output' is missing"),
+    ({"instruction": "x", "output": "  "}, "field 'output' is empty"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+     "message 1 has role 'user' after user; roles must alternate"),
+    ({"messages": [{"role": "assistant", "content": "a"}]}, "message 0 has role 'assistant' after the start"),
+    ({"messages": [{"role": "user", "content": "a"}]}, "ends with a user message"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "b"}]},
+     "messages\\[0\\]: field 'content' is empty"),
+    ({"text": "hello"}, "cannot tell the record's format"),
+])
+def test_bad_records_name_the_field(record, message):
+    with pytest.raises(UserError, match=message):
+        to_conversation(record, FormatSpec(), "data.jsonl line 3")
+
+
+def test_registry_with_columns(tmp_path):
+    write_jsonl(tmp_path / "qa.jsonl", [{"q": "Q", "a": "A"}] * 3)
+    info = {"qa": {"file_name": "qa.jsonl", "formatting": "alpaca", "columns": {"prompt": "q", "response": "a"}},
+            "chat": {"file_name": "chat.json", "formatting": "sharegpt"}}
+    (tmp_path / "chat.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}]))
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    items = load_conversations("qa, chat", str(tmp_path), max_samples=2)
+    assert len(items) == 3 and items[0][1][-1]["content"] == "A" and "line 1" in items[0][0]
+    with pytest.raises(UserError, match="dataset 'qaa' is not listed in .*dataset_info.json — did you mean 'qa'"):
+        load_conversations("qaa", str(tmp_path), None)
+
+
+def test_malformed_json_reports_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": }\n')
+    with pytest.raises(UserError, match=r"d.jsonl line 2: malformed JSON"):
+        load_conversations(str(path), "data", None)
+
+
+def test_split_is_seeded_and_sized():
+    items = list(range(100))
+    train, val = split_validation(items, 0.1, seed=3)
+    assert len(val) == 10 and sorted(train + val) == items
+    assert split_validation(items, 0.1, seed=3) == (train, val)
+    assert len(split_validation(items, 7, seed=3)[1]) == 7
