@@ -6,6 +6,7 @@ before the first byte is written to output_dir.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -26,7 +27,7 @@ from r1tune.train.trainer import TrainResult, Trainer
 from r1tune.ui import console, print_comparison
 
 FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml")
-RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png")
+RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "eval_results.json")
 
 
 def check_output_dir(cfg: RunConfig) -> None:
@@ -82,6 +83,8 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     result = trainer.fit()
     after = _measure(trainer, tokenizer, data.val_conversations, cfg, eval_loss=result.eval_loss)
     save_final(model, tokenizer, cfg, out)
+    write_json_atomic(out / "eval_results.json", {"before": _plain(before), "after": _plain(after),
+                                                  "global_step": result.global_step})
     if cfg.plot_loss and (png := plot_loss(out)):
         console.print(f"loss curve: {png}")
     print_comparison(before, after)
@@ -101,6 +104,16 @@ def _measure(trainer: Trainer, tokenizer, conversations, cfg, eval_loss: float |
         scores["exact_match"] = score.accuracy
         scores["sample"] = score.samples[0]
     return scores
+
+
+def _plain(scores: dict | None) -> dict | None:
+    return None if scores is None else {k: v for k, v in scores.items() if k != "sample"}
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def save_final(model, tokenizer, cfg: RunConfig, out: Path) -> None:
