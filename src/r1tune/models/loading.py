@@ -1,0 +1,86 @@
+"""Load a base model and tokenizer from a local folder or a hub id, with clear errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from r1tune.errors import UserError
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'org/name' with no leading ./, / or ~ (those are local paths)."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name))
+
+
+def ensure_tiny_model(path: str, arch: str | None) -> None:
+    """Build the tiny demo model at `path` when the config asks for one and it is absent."""
+    if arch and not Path(path).exists():
+        from r1tune.models.tiny import build_tiny
+
+        print(f"building tiny {arch} model at {path} (offline, seeded)")
+        build_tiny(path, arch)
+
+
+def check_model_source(name: str) -> None:
+    """A local folder must hold config.json; a missing local path is an error before any download try."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model_name_or_path '{name}' is a folder but not a model (no config.json in it); point it at a saved model folder")
+        return
+    if path.exists():
+        raise UserError(f"model_name_or_path '{name}' is a file, not a model folder; point it at the folder holding config.json")
+    if not looks_like_hub_id(name) or path.parent.is_dir() and str(path.parent) not in ("", "."):
+        raise UserError(f"model_name_or_path '{name}' does not exist; give a local model folder or a hub id like 'org/name'")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, is_model_dir: bool = True):
+    """Tokenizer from a model folder or hub id (is_model_dir=False: e.g. an adapter folder)."""
+    from transformers import AutoTokenizer
+
+    if is_model_dir:
+        check_model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load a tokenizer from '{name}' ({_first_line(exc)}); download the model to a local folder and point model_name_or_path there") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               attn_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(name)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"could not load the model '{name}' ({_first_line(exc)}); check model_name_or_path") from None
+
+
+def read_adapter_base(folder: Path) -> str | None:
+    """The base model recorded in a PEFT adapter folder, or None for a full model."""
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def resolve_model_path(name: str) -> str:
+    """Absolute path for a local folder (so saved adapters find their base from anywhere); hub ids unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
