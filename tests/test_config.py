@@ -62,3 +62,20 @@ def test_docs_in_sync_with_schema():
     assert docs == config_docs_markdown(), "regenerate: python -m r1tune.config > docs/config.md"
     for name in RunConfig.model_fields:
         assert f"`{name}`" in docs
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"max_steps": 0}, "max_steps must be a positive number"),
+    ({"eval_steps": 10}, "'eval_steps' needs held-out data; set val_size"),
+    ({"val_size": 0.1, "early_stopping_patience": 2}, "'early_stopping_patience' needs 'eval_steps'"),
+    ({True: 1}, "key True is not a name"),
+])
+def test_conflicting_or_odd_settings(extra, message):
+    with pytest.raises(UserError, match=message):
+        validate_config({**BASE, **extra}, source="run.yaml")
+
+
+def test_override_that_is_not_yaml_is_kept_as_text(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model_name_or_path: m\ndataset: d.jsonl\noutput_dir: o\n")
+    assert load_config(path, ["dataset=@weird.jsonl"]).dataset == "@weird.jsonl"

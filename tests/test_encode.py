@@ -107,3 +107,18 @@ def test_system_messages_join_and_hoist(tokenizer):
 def test_unknown_template_is_user_error(tokenizer):
     with pytest.raises(UserError, match="unknown template 'deepsek_r1' — did you mean 'deepseek_r1'"):
         apply_template_choice(tokenizer, "deepsek_r1", "run.yaml")
+
+
+def test_earlier_turn_target_starts_right_after_the_role_marker(tokenizer):
+    table = {"role": "assistant", "content": "<table>odd</table>"}
+    segments = render_segments(tokenizer, [Q1, table, Q2, A2_PLAIN])
+    assert segments[0][0].endswith("<｜Assistant｜>") and segments[1] == ("<table>odd</table><｜end▁of▁sentence｜>", True)
+
+
+def test_generation_prompt_matches_training_prompt(tokenizer):
+    from r1tune.data.encode import generation_prompt
+
+    for mode in ("mask", "train", "omit"):
+        segments = render_segments(tokenizer, [Q1, A1_PLAIN], mode)
+        assert generation_prompt(tokenizer, [Q1, A1_PLAIN], mode) == segments[0][0]
+    assert generation_prompt(tokenizer, [Q1, A1_THINK]).endswith("<｜Assistant｜><think>\n")

@@ -76,3 +76,38 @@ def test_split_is_seeded_and_sized():
     assert len(val) == 10 and sorted(train + val) == items
     assert split_validation(items, 0.1, seed=3) == (train, val)
     assert len(split_validation(items, 7, seed=3)[1]) == 7
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": ["user"], "content": "a"}, {"role": "assistant", "content": "b"}]}, "role_tag|'messages\\[0\\].role' is \\['user'\\]"),
+    ({"instruction": "q", "output": "a", "history": 5}, "field 'history' must be a list"),
+])
+def test_bad_types_are_user_errors(record, message):
+    with pytest.raises(UserError, match=message):
+        to_conversation(record, FormatSpec(), "r")
+
+
+def test_conversations_key_with_role_content():
+    record = {"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert to_conversation(record, FormatSpec(), "r")[-1]["content"] == "a"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"file_name": 5}, "field 'file_name' must be a file name string"),
+    ({"file_name": "x.json", "columns": ["a"]}, "field 'columns' must be an object"),
+    ({"hf_hub_url": "org/set"}, "'hf_hub_url' needs a download"),
+])
+def test_bad_registry_entries(tmp_path, entry, message):
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"d": entry}))
+    with pytest.raises(UserError, match=message):
+        load_conversations("d", str(tmp_path), None)
+
+
+def test_non_utf8_and_bom_files(tmp_path):
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"instruction": "caf\u00e9", "output": "x"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_conversations(str(latin), "data", None)
+    bom = tmp_path / "bom.json"
+    bom.write_text('[{"instruction": "q", "output": "a"}]', encoding="utf-8-sig")
+    assert len(load_conversations(str(bom), "data", None)) == 1

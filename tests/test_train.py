@@ -125,3 +125,41 @@ def test_schedules():
     assert lr_factor(99, 100, 10, "linear") < 0.02
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5, abs=0.01)
     assert lr_factor(90, 100, 10, "constant_with_warmup") == 1.0
+
+
+def test_resume_discards_newer_checkpoints(tiny_ds, parity_file, tmp_path):
+    out = tmp_path / "out"
+    run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=7, save_steps=2))
+    shutil.rmtree(out / "checkpoint-4")  # keep 2 and 6; resume from 2 must drop 6
+    run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=7, save_steps=2, save_total_limit=1,
+                     resume_from_checkpoint=str(out / "checkpoint-2")))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_mismatched_checkpoint_is_a_user_error_and_writes_nothing(tiny_ds, parity_file, tmp_path):
+    from r1tune.errors import UserError
+
+    run_sft(make_cfg(tiny_ds, parity_file, tmp_path / "a", max_steps=2, save_steps=1, lora_rank=4))
+    other = tmp_path / "b"
+    with pytest.raises(UserError, match="another shape \\(lora_rank changed\\?\\)"):
+        run_sft(make_cfg(tiny_ds, parity_file, other, max_steps=4, lora_rank=8,
+                         resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1")))
+    assert not other.exists()
+
+
+def test_overwrite_replaces_previous_method_outputs(tiny_ds, parity_file, tmp_path):
+    out = tmp_path / "out"
+    run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=1))
+    run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=1, finetuning_type="full", overwrite_output_dir=True))
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+
+
+def test_finished_dir_is_protected_even_with_auto_resume(tiny_ds, parity_file, tmp_path):
+    from r1tune.errors import UserError
+
+    out = tmp_path / "out"
+    run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=1))
+    with pytest.raises(UserError, match="already holds a trained model"):
+        run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=1, resume_from_checkpoint="auto"))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from r1tune.errors import UserError, did_you_mean
 
@@ -37,6 +37,7 @@ class RunConfig(BaseModel):
     """Every key of a run file. Descriptions become docs/config.md."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _source: str = PrivateAttr("config")  # the YAML file, named in error messages
 
     # --- model -----------------------------------------------------------------
     model_name_or_path: str = Field(description="Local model folder or Hugging Face hub id of the base model.")
@@ -50,7 +51,7 @@ class RunConfig(BaseModel):
         "mask", description="Final answers without <think> reasoning, when the template opens '<think>\\n' in the prompt: 'mask' adds an empty think block that is not trained, 'train' adds it and trains on it, 'omit' drops the think block.")
     # --- method ----------------------------------------------------------------
     stage: Literal["sft"] = Field("sft", description="Training stage. Only supervised fine-tuning ('sft') so far.")
-    do_train: bool = Field(True, description="Run training (LLaMA-Factory compatibility; false makes `train` a no-op).")
+    do_train: bool = Field(True, description="Train; false only reads, checks and reports the data (LLaMA-Factory compatibility).")
     finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="lora: PEFT LoRA adapter; full: every weight; freeze: only the top freeze_trainable_layers layers.")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
     lora_alpha: Optional[int] = Field(None, ge=1, description="LoRA alpha; empty means 2 x lora_rank.")
@@ -59,7 +60,7 @@ class RunConfig(BaseModel):
     lora_experts: bool = Field(True, description="On MoE models, also adapt the fused routed-expert weights (mlp.experts.*) when the target covers the MLP.")
     freeze_trainable_layers: int = Field(2, description="For finetuning_type freeze: train the last N decoder layers (negative: the first N).")
     # --- data ------------------------------------------------------------------
-    dataset: Optional[str] = Field(None, description="A JSON/JSONL file path, or comma-separated names from dataset_dir/dataset_info.json.")
+    dataset: str = Field(description="A JSON/JSONL file path, or comma-separated names from dataset_dir/dataset_info.json.")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the files it names.")
     cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per sample; longer samples are truncated (a sample left with no trained token is dropped).")
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many records from each dataset.")
@@ -73,7 +74,7 @@ class RunConfig(BaseModel):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the loss is normalised over all target tokens of the step.")
     learning_rate: float = Field(5e-5, gt=0.0, description="Peak AdamW learning rate.")
     num_train_epochs: float = Field(3.0, gt=0.0, description="Epochs to train (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, description="Total optimizer steps; -1 derives it from num_train_epochs.")
+    max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; -1 derives it from num_train_epochs.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warmup.")
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Warmup as a fraction of total steps (used when warmup_steps is 0).")
     warmup_steps: int = Field(0, ge=0, description="Warmup steps; overrides warmup_ratio when > 0.")
@@ -102,9 +103,19 @@ class RunConfig(BaseModel):
             raise ValueError("bf16 and fp16 cannot both be true; pick one")
         if self.report_to not in ("tensorboard", "none", "all"):
             raise ValueError(f"report_to must be 'tensorboard', 'all' or 'none' (got '{self.report_to}')")
-        if self.do_train and not self.dataset:
-            raise ValueError("'dataset' is required for training: give a data file path or a dataset_info.json name")
+        if self.max_steps == 0:
+            raise ValueError("max_steps must be a positive number of steps, or -1 to use num_train_epochs")
+        if self.val_size == 0:
+            for key in ("eval_steps", "early_stopping_patience", "eval_generate_samples"):
+                if getattr(self, key):
+                    raise ValueError(f"'{key}' needs held-out data; set val_size (e.g. 0.1) or remove '{key}'")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("'early_stopping_patience' needs 'eval_steps' (how often to evaluate)")
         return self
+
+    @property
+    def source(self) -> str:
+        return self._source
 
     @property
     def effective_lora_alpha(self) -> int:
@@ -124,22 +135,28 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     known = set(RunConfig.model_fields)
     for key in list(raw):
+        if not isinstance(key, str):
+            raise UserError(f"{source}: key {key!r} is not a name; quote it or fix the line (see docs/config.md)")
         if key in NO_EFFECT_KEYS and key not in known:
             print(f"note: {source}: ignoring '{key}' ({NO_EFFECT_KEYS[key]})", file=sys.stderr)
             raw.pop(key)
         elif key not in known:
             raise UserError(f"unknown key '{key}' in {source}{did_you_mean(key, known) or ' — see docs/config.md for every key'}")
     try:
-        return RunConfig(**raw)
+        cfg = RunConfig(**raw)
     except ValidationError as exc:
         raise UserError(_describe_validation_error(exc, source)) from None
+    cfg._source = source
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file '{path}' not found; pass the path of a YAML run file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
@@ -155,7 +172,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise UserError(f"command-line override '{item}' must look like key=value")
     key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value != "" else None
+    if value == "":
+        return key.strip(), None
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value  # not YAML: keep the text as given
 
 
 def _describe_validation_error(exc: ValidationError, source: str) -> str:

@@ -51,13 +51,13 @@ def load_conversations(dataset: str, dataset_dir: str, max_samples: int | None) 
     return items
 
 
-def split_validation(items: list, val_size: float, seed: int) -> tuple[list, list]:
+def split_validation(items: list, val_size: float, seed: int, source: str = "config") -> tuple[list, list]:
     """Seeded shuffle, then hold out a fraction (< 1) or a count (>= 1)."""
     if val_size <= 0:
         return items, []
     count = int(val_size) if val_size >= 1 else max(1, round(len(items) * val_size))
     if count >= len(items):
-        raise UserError(f"config key 'val_size' ({val_size}) would hold out all {len(items)} records; use a smaller value")
+        raise UserError(f"{source}: 'val_size' ({val_size}) would hold out all {len(items)} records; use a smaller value")
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held = set(order[:count])
@@ -65,8 +65,9 @@ def split_validation(items: list, val_size: float, seed: int) -> tuple[list, lis
 
 
 def encode_all(tokenizer, items: list[tuple[str, Conversation]], cutoff_len: int, empty_think: str,
-               report: DataReport) -> list[Example]:
-    examples = []
+               report: DataReport) -> tuple[list[Example], list[Conversation]]:
+    """Encoded examples and the conversations they came from (dropped records left out of both)."""
+    examples, kept = [], []
     for where, conversation in tqdm(items, desc="tokenizing", disable=len(items) < 2000, leave=False):
         report.records += 1
         try:
@@ -80,16 +81,17 @@ def encode_all(tokenizer, items: list[tuple[str, Conversation]], cutoff_len: int
         report.tokens += len(example.input_ids)
         report.target_tokens += example.num_targets
         examples.append(example)
-    return examples
+        kept.append(conversation)
+    return examples, kept
 
 
 def prepare_data(cfg, tokenizer) -> PreparedData:
     items = load_conversations(cfg.dataset, cfg.dataset_dir, cfg.max_samples)
-    train_items, val_items = split_validation(items, cfg.val_size, cfg.seed)
+    train_items, val_items = split_validation(items, cfg.val_size, cfg.seed, cfg.source)
     report = DataReport()
-    train = encode_all(tokenizer, train_items, cfg.cutoff_len, cfg.empty_think, report)
-    val = encode_all(tokenizer, val_items, cfg.cutoff_len, cfg.empty_think, report)
+    train, _ = encode_all(tokenizer, train_items, cfg.cutoff_len, cfg.empty_think, report)
+    val, val_conversations = encode_all(tokenizer, val_items, cfg.cutoff_len, cfg.empty_think, report)
     if not train:
         reasons = ", ".join(f"{n} × {r}" for r, n in report.dropped.items())
         raise UserError(f"no training sample is left after tokenization ({reasons}); raise cutoff_len or shorten the prompts")
-    return PreparedData(train, val, [c for _, c in val_items], report)
+    return PreparedData(train, val, val_conversations, report)

@@ -62,9 +62,7 @@ def render_segments(tokenizer, messages: Conversation, empty_think: str = "mask"
         if i == last:
             prompt, target = final_turn(render, messages, empty_think)
         else:
-            full, opened = render(messages[: i + 1], False), render(messages[:i], True)
-            cut = _common_prefix_len(full, opened)
-            prompt, target = full[:cut], full[cut:]
+            prompt, target = earlier_turn(render, messages[: i + 1])
         if not prompt.startswith(done):
             raise TemplateMismatch("the chat template renders a conversation's earlier turns differently from its prefix")
         segments += [(prompt[len(done):], False), (target, True)]
@@ -72,10 +70,19 @@ def render_segments(tokenizer, messages: Conversation, empty_think: str = "mask"
     return [(text, trained) for text, trained in segments if text]
 
 
+def earlier_turn(render, messages: Conversation) -> tuple[str, str]:
+    """(prompt, target) of an assistant message in the history, exactly as the template renders it."""
+    full = render(messages, False)
+    head = render(messages[:-1], False) + _assistant_frame(render, messages[:-1])[0]
+    if not full.startswith(head):
+        raise TemplateMismatch("the chat template renders an assistant turn differently in context")
+    return head, full[len(head):]
+
+
 def final_turn(render, messages: Conversation, empty_think: str) -> tuple[str, str]:
     """(prompt, target) of the last assistant message, reasoning kept."""
     prompt = render(messages[:-1], True)
-    suffix = _turn_suffix(render, messages[:-1])
+    suffix = _assistant_frame(render, messages[:-1])[1]
     reasoning, answer = split_reasoning(messages[-1]["content"])
     opened = prompt.endswith(OPENED)
     if reasoning is not None:
@@ -90,26 +97,24 @@ def final_turn(render, messages: Conversation, empty_think: str) -> tuple[str, s
     return prompt[: -len(OPENED)], answer + suffix  # omit
 
 
-def generation_prompt(tokenizer, messages: Conversation) -> str:
-    """The prompt a model sees at inference for the conversation's last assistant turn."""
-    history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
-    return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+def generation_prompt(tokenizer, messages: Conversation, empty_think: str = "mask") -> str:
+    """The prompt for the conversation's last assistant turn, as training rendered it."""
+    def render(msgs, generation):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+
+    if messages and messages[-1]["role"] == "assistant":
+        return final_turn(render, messages, empty_think)[0]
+    return render(messages, True)
 
 
-def _turn_suffix(render, history: Conversation) -> str:
-    """What the template writes after an assistant message's content (e.g. the EOS token)."""
+def _assistant_frame(render, history: Conversation) -> tuple[str, str]:
+    """(header, suffix) the template writes around an assistant message's content."""
+    base = render(history, False)
     text = render(history + [{"role": "assistant", "content": _SENTINEL}], False)
-    if _SENTINEL not in text:
-        raise TemplateMismatch("the chat template does not render the assistant's content")
-    return text.split(_SENTINEL, 1)[1]
-
-
-def _common_prefix_len(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    if not text.startswith(base) or _SENTINEL not in text:
+        raise TemplateMismatch("the chat template does not render the assistant's content after the history")
+    header, suffix = text[len(base):].split(_SENTINEL, 1)
+    return header, suffix
 
 
 def encode_segments(tokenizer, segments: list[tuple[str, bool]]) -> Example:

@@ -70,7 +70,10 @@ def _from_alpaca(record: dict, cols: dict[str, str], where: str) -> Conversation
     system = _text_field(record, cols["system"], where, required=False)
     if system:
         messages.append({"role": "system", "content": system})
-    for turn, pair in enumerate(record.get(cols["history"]) or []):
+    history = record.get(cols["history"]) or []
+    if not isinstance(history, list):
+        raise UserError(f"{where}: field '{cols['history']}' must be a list of [question, answer] pairs")
+    for turn, pair in enumerate(history):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) and x.strip() for x in pair)):
             raise UserError(f"{where}: field '{cols['history']}' item {turn} must be a [question, answer] pair of non-empty strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
@@ -80,10 +83,7 @@ def _from_alpaca(record: dict, cols: dict[str, str], where: str) -> Conversation
 
 
 def _from_messages(record: dict, fmt: str, spec: FormatSpec, where: str) -> Conversation:
-    default_col = "messages" if fmt == "openai" else "conversations"
-    col = spec.columns.get("messages", default_col)
-    if col not in record and default_col == "conversations" and "messages" in record:
-        col = "messages"
+    col = spec.columns.get("messages") or ("messages" if "messages" in record else "conversations")
     turns = record.get(col)
     if not isinstance(turns, list) or not turns:
         state = "missing" if turns is None else "empty or not a list"
@@ -105,7 +105,7 @@ def _one_message(turn, index: int, tags: dict, roles: dict, col: str, where: str
     if not isinstance(turn, dict):
         raise UserError(f"{where}: field '{field_name}' must be an object with '{tags['role_tag']}' and '{tags['content_tag']}'")
     raw_role = turn.get(tags["role_tag"])
-    if raw_role not in roles:
+    if not isinstance(raw_role, str) or raw_role not in roles:
         if raw_role in (tags["observation_tag"], tags["function_tag"]):
             raise UserError(f"{where}: field '{field_name}' has role '{raw_role}'; tool calls are not supported yet — remove tool turns")
         raise UserError(f"{where}: field '{field_name}.{tags['role_tag']}' is {raw_role!r}; expected one of {sorted(roles)}")

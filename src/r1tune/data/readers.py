@@ -14,23 +14,26 @@ def read_records(path: str | Path, limit: int | None = None) -> Iterator[tuple[s
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file '{path}' not found; check 'dataset' (and 'dataset_dir') in the config")
-    if _is_json_lines(path):
-        yield from _read_jsonl(path, limit)
-    else:
-        yield from _read_json_array(path, limit)
+    try:
+        if _is_json_lines(path):
+            yield from _read_jsonl(path, limit)
+        else:
+            yield from _read_json_array(path, limit)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); convert the file to UTF-8") from None
 
 
 def _is_json_lines(path: Path) -> bool:
     if path.suffix == ".jsonl":
         return True
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         head = f.read(4096).lstrip()
     return not head.startswith("[")
 
 
 def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict]]:
     count = 0
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -47,7 +50,7 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict]]:
 
 def _read_json_array(path: Path, limit: int | None) -> Iterator[tuple[str, dict]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno}); fix the file") from None
     if not isinstance(data, list):

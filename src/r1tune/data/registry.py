@@ -56,13 +56,20 @@ def _from_registry(name: str, folder: Path) -> DatasetSource:
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise UserError(f"{where}: field 'formatting' is '{formatting}'; use alpaca, sharegpt or openai")
+    if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+        raise UserError(f"{where}: field 'file_name' must be a file name string")
+    for key in ("columns", "tags"):
+        if not isinstance(entry.get(key) or {}, dict):
+            raise UserError(f"{where}: field '{key}' must be an object mapping names to column names")
     spec = FormatSpec(formatting, dict(entry.get("columns") or {}), dict(entry.get("tags") or {}))
     return DatasetSource(name, folder / entry["file_name"], spec)
 
 
 def _read_info(path: Path) -> dict:
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} line {exc.lineno}: malformed JSON ({exc.msg}); fix the file") from None
     if not isinstance(info, dict):

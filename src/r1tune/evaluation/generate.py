@@ -47,8 +47,9 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     return outputs
 
 
-def exact_match(model, tokenizer, conversations: list[Conversation], max_new_tokens: int) -> GenerationScore:
-    prompts = [generation_prompt(tokenizer, c) for c in conversations]
+def exact_match(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
+                empty_think: str = "mask") -> GenerationScore:
+    prompts = [generation_prompt(tokenizer, c, empty_think) for c in conversations]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens)
     correct, samples = 0, []
     for conv, prompt, text in zip(conversations, prompts, texts):

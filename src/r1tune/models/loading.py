@@ -48,6 +48,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, is_model_dir: boo
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load a tokenizer from '{name}' ({_first_line(exc)}); download the model to a local folder and point model_name_or_path there") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"the tokenizer of '{name}' has no fast (tokenizer.json) version, which r1tune needs for exact label masks; convert it with transformers first")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

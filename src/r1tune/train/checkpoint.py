@@ -85,17 +85,30 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
-    weights = load_file(str(path / WEIGHTS_FILE))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    if missing:
-        raise UserError(f"checkpoint '{path}' does not match this run's trainable weights (e.g. '{missing[0]}'); resume with the config that wrote it")
+    """Restore a checkpoint into this run; UserError when it was written by a different setup."""
+    hint = "resume with the config that wrote it, or start fresh without resume_from_checkpoint"
+    try:
+        weights = load_file(str(path / WEIGHTS_FILE))
+        optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+        rng = load_file(str(path / RNG_FILE))
+        state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise UserError(f"checkpoint '{path}' is incomplete or unreadable ({type(exc).__name__}); {hint}") from None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(weights):
+        differ = sorted(set(params) ^ set(weights))[0]
+        raise UserError(f"checkpoint '{path}' trains different weights than this run (e.g. '{differ}'); {hint}")
+    wrong = [n for n, p in params.items() if p.shape != weights[n].shape]
+    if wrong:
+        raise UserError(f"checkpoint '{path}' has weight '{wrong[0]}' of another shape (lora_rank changed?); {hint}")
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
-    rng = load_file(str(path / RNG_FILE))
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError):
+        raise UserError(f"checkpoint '{path}' has optimizer state for another setup; {hint}") from None
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    return state

@@ -9,13 +9,14 @@ from pathlib import Path
 class MetricsLog:
     """Appends one JSON object per record to trainer_log.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool):
+    def __init__(self, output_dir: Path, tensorboard: bool, start_step: int = 0):
         self.path = output_dir / "trainer_log.jsonl"
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+            # purge_step hides events an interrupted run wrote after the resumed step
+            self.writer = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=start_step or None)
 
     def write(self, record: dict) -> None:
         with self.path.open("a", encoding="utf-8") as f:

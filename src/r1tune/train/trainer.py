@@ -21,7 +21,7 @@ from r1tune.data.encode import Example
 from r1tune.errors import UserError
 from r1tune.train import batching, checkpoint, schedule
 from r1tune.train.checkpoint import TrainerState
-from r1tune.train.logs import MetricsLog, truncate_log_after
+from r1tune.train.logs import MetricsLog
 from r1tune.train.losses import causal_lm_loss_sum
 
 
@@ -37,9 +37,12 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_context(device: torch.device, bf16: bool, fp16: bool):
-    if fp16 and device.type != "cuda":
+def check_precision(fp16: bool) -> None:
+    if fp16 and not torch.cuda.is_available():
         raise UserError("config key 'fp16' needs a CUDA GPU; on CPU use 'bf16: true' or neither")
+
+
+def autocast_context(device: torch.device, bf16: bool, fp16: bool):
     if bf16 or fp16:
         return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
     return contextlib.nullcontext()
@@ -77,13 +80,12 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # --- public -----------------------------------------------------------------
-    def resume(self, path: Path) -> None:
+    def load_state(self, path: Path) -> None:
+        """Weights, optimizer, RNG and step from a checkpoint (writes nothing)."""
         self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer)
-        truncate_log_after(self.output_dir, self.state.global_step)
-        print(f"resumed from {path} at step {self.state.global_step}")
 
     def fit(self) -> TrainResult:
-        log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none")
+        log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none", start_step=self.state.global_step)
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
         last_loss, eval_loss, stopped = None, None, False
         bar = tqdm(total=self.total, initial=self.state.global_step, desc="training", unit="step", dynamic_ncols=True)

@@ -22,16 +22,20 @@ from r1tune.evaluation.generate import GenerationScore, exact_match
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
 from r1tune.models.methods import attach_method, describe_trainable, exact_lora_targets
 from r1tune.train.checkpoint import atomic_dir, find_checkpoint, list_checkpoints
-from r1tune.train.logs import plot_loss
-from r1tune.train.trainer import TrainResult, Trainer
+from r1tune.train.logs import plot_loss, truncate_log_after
+from r1tune.train.trainer import TrainResult, Trainer, check_precision
 from r1tune.ui import console, print_comparison
 
 FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml")
-RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "eval_results.json")
+RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "eval_results.json", "r1tune_config.yaml",
+                 "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
+                 "model.safetensors.index.json", "config.json", "generation_config.json")
 
 
-def check_output_dir(cfg: RunConfig) -> None:
+def check_output_dir(cfg: RunConfig, resuming: bool) -> None:
     out = Path(cfg.output_dir)
+    if out.resolve() == Path(cfg.model_name_or_path).expanduser().resolve():
+        raise UserError(f"{cfg.source}: output_dir is the base model's own folder; choose another output_dir")
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir '{out}' is a file; choose a folder path")
     ancestor = out
@@ -40,7 +44,7 @@ def check_output_dir(cfg: RunConfig) -> None:
     if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
         raise UserError(f"output_dir '{out}' cannot be created: '{ancestor}' is not a writable folder; choose another output_dir")
     finished = out.is_dir() and any((out / m).exists() for m in FINISHED_MARKERS)
-    if finished and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+    if finished and not cfg.overwrite_output_dir and not resuming:
         raise UserError(f"output_dir '{out}' already holds a trained model; set overwrite_output_dir: true, "
                         "resume_from_checkpoint: auto, or choose another folder")
 
@@ -52,14 +56,29 @@ def clear_previous_run(out: Path) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     for old in list_checkpoints(out):
         shutil.rmtree(old)
+    for shard in out.glob("model-*-of-*.safetensors"):
+        shard.unlink()
+
+
+def forget_after(out: Path, step: int) -> None:
+    """A resumed run drops what the interrupted run wrote after `step` (log lines, newer checkpoints)."""
+    truncate_log_after(out, step)
+    for newer in list_checkpoints(out):
+        if int(newer.name.split("-")[1]) > step:
+            shutil.rmtree(newer)
 
 
 def run_sft(cfg: RunConfig) -> TrainResult | None:
-    check_output_dir(cfg)
+    out = Path(cfg.output_dir)
+    resume = find_checkpoint(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
+    if cfg.resume_from_checkpoint and resume is None:
+        console.print(f"no checkpoint in {out} yet: starting from step 0")
+    check_output_dir(cfg, resuming=resume is not None)
+    check_precision(cfg.fp16)
     ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    apply_template_choice(tokenizer, cfg.template)
+    apply_template_choice(tokenizer, cfg.template, cfg.source)
     data = prepare_data(cfg, tokenizer)
     for line in data.report.lines():
         console.print(f"data: {line}")
@@ -69,16 +88,15 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     torch.manual_seed(cfg.seed)
     model = attach_method(load_model(model_path, torch.float32, cfg.trust_remote_code, cfg.attn_implementation), cfg)
     console.print(describe_trainable(model))
-    out = Path(cfg.output_dir)
-    resume = find_checkpoint(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
-    if cfg.resume_from_checkpoint and resume is None:
-        console.print(f"no checkpoint in {out} yet: starting from step 0")
+    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, out)
+    if resume is not None:
+        trainer.load_state(resume)  # validated before anything is written
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:
         clear_previous_run(out)
-    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, out)
-    if resume is not None:
-        trainer.resume(resume)
+    else:
+        forget_after(out, trainer.state.global_step)
+        console.print(f"resumed from {resume} at step {trainer.state.global_step}")
     before = _measure(trainer, tokenizer, data.val_conversations, cfg) if resume is None else None
     result = trainer.fit()
     after = _measure(trainer, tokenizer, data.val_conversations, cfg, eval_loss=result.eval_loss)
@@ -100,7 +118,7 @@ def _measure(trainer: Trainer, tokenizer, conversations, cfg, eval_loss: float |
         scores.update(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
     if cfg.eval_generate_samples and conversations:
         score: GenerationScore = exact_match(trainer.model, tokenizer, conversations[: cfg.eval_generate_samples],
-                                             cfg.max_new_tokens)
+                                             cfg.max_new_tokens, cfg.empty_think)
         scores["exact_match"] = score.accuracy
         scores["sample"] = score.samples[0]
     return scores
