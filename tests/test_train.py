@@ -163,3 +163,15 @@ def test_finished_dir_is_protected_even_with_auto_resume(tiny_ds, parity_file, t
     run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=1))
     with pytest.raises(UserError, match="already holds a trained model"):
         run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=1, resume_from_checkpoint="auto"))
+
+
+def test_gradient_checkpointing_and_bf16(tiny_ds, parity_file, tmp_path):
+    """Checkpointing recomputes the same numbers; bf16 autocast trains too."""
+    runs = {}
+    for name, extra in {"plain": {}, "ckpt": {"gradient_checkpointing": True}, "bf16": {"bf16": True}}.items():
+        run_sft(make_cfg(tiny_ds, parity_file, tmp_path / name, max_steps=4, **extra))
+        runs[name] = train_losses(tmp_path / name)
+    for step in runs["plain"]:
+        assert runs["ckpt"][step] == pytest.approx(runs["plain"][step], abs=1e-5)
+        assert runs["bf16"][step] == pytest.approx(runs["plain"][step], rel=0.05)
+    assert runs["bf16"][4] < runs["bf16"][1]
