@@ -111,3 +111,10 @@ def test_non_utf8_and_bom_files(tmp_path):
     bom = tmp_path / "bom.json"
     bom.write_text('[{"instruction": "q", "output": "a"}]', encoding="utf-8-sig")
     assert len(load_conversations(str(bom), "data", None)) == 1
+
+
+def test_pretty_printed_object_file_is_explained(tmp_path):
+    path = tmp_path / "one.json"
+    path.write_text('{\n  "instruction": "q",\n  "output": "a"\n}\n')
+    with pytest.raises(UserError, match="holds one JSON object; a data file must be a list"):
+        load_conversations(str(path), "data", None)

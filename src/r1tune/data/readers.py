@@ -41,6 +41,8 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if count == 0 and _is_single_object(path):
+                    raise UserError(f"{path}: holds one JSON object; a data file must be a list of records or JSON lines") from None
                 raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); fix or remove this line") from None
             yield where, _require_object(record, where)
             count += 1
@@ -58,6 +60,13 @@ def _read_json_array(path: Path, limit: int | None) -> Iterator[tuple[str, dict]
     for index, record in enumerate(data[:limit] if limit else data):
         where = f"{path} record {index}"
         yield where, _require_object(record, where)
+
+
+def _is_single_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8-sig")), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _require_object(record, where: str) -> dict:
