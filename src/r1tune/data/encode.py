@@ -48,11 +48,16 @@ def split_reasoning(content: str) -> tuple[str | None, str]:
     return reasoning, answer.strip()
 
 
+def renderer(tokenizer):
+    """render(messages, add_generation_prompt) -> text, with the tokenizer's chat template."""
+    def render(msgs: Conversation, generation: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+    return render
+
+
 def render_segments(tokenizer, messages: Conversation, empty_think: str = "mask") -> list[tuple[str, bool]]:
     """[(text, trained?)] whose concatenation is the rendered conversation."""
-    def render(msgs, generation):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
-
+    render = renderer(tokenizer)
     segments: list[tuple[str, bool]] = []
     done = ""
     last = len(messages) - 1
@@ -99,9 +104,7 @@ def final_turn(render, messages: Conversation, empty_think: str) -> tuple[str, s
 
 def generation_prompt(tokenizer, messages: Conversation, empty_think: str = "mask") -> str:
     """The prompt for the conversation's last assistant turn, as training rendered it."""
-    def render(msgs, generation):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
-
+    render = renderer(tokenizer)
     if messages and messages[-1]["role"] == "assistant":
         return final_turn(render, messages, empty_think)[0]
     return render(messages, True)
