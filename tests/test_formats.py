@@ -118,3 +118,25 @@ def test_pretty_printed_object_file_is_explained(tmp_path):
     path.write_text('{\n  "instruction": "q",\n  "output": "a"\n}\n')
     with pytest.raises(UserError, match="holds one JSON object; a data file must be a list"):
         load_conversations(str(path), "data", None)
+
+
+def test_skip_mode_counts_reasons_and_keeps_good_records(tmp_path):
+    from r1tune.data.dataset import DataReport
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([
+        '{"instruction": "q", "output": "a"}',
+        '{"instruction": "q"}',
+        '{"instruction": "q", "output": }',
+        '[1, 2]',
+        '{"instruction": "q2"}',
+        '{"instruction": "q3", "output": "a3"}']) + "\n")
+    report = DataReport()
+    items = load_conversations(str(path), "data", None, skipped=report.skipped)
+    assert [w.rsplit(" ", 1)[1] for w, _ in items] == ["1", "6"]
+    reasons = [s.reason for s in report.skipped]
+    assert reasons.count("field 'output' is missing; every record needs it") == 2
+    assert any(r.startswith("malformed JSON") for r in reasons) and any("must be a JSON object" in r for r in reasons)
+    assert "skipped 2 bad records: field 'output' is missing; every record needs it" in report.lines()
+    with pytest.raises(UserError, match="line 2: field 'output' is missing"):
+        load_conversations(str(path), "data", None)

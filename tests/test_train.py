@@ -175,3 +175,13 @@ def test_gradient_checkpointing_and_bf16(tiny_ds, parity_file, tmp_path):
         assert runs["ckpt"][step] == pytest.approx(runs["plain"][step], abs=1e-5)
         assert runs["bf16"][step] == pytest.approx(runs["plain"][step], rel=0.05)
     assert runs["bf16"][4] < runs["bf16"][1]
+
+
+def test_skipped_records_report_file(tiny_ds, parity_file, tmp_path):
+    with parity_file.open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "only a question"}]}\n')
+    out = tmp_path / "out"
+    run_sft(make_cfg(tiny_ds, parity_file, out, max_steps=1, on_bad_record="skip"))
+    rows = [json.loads(x) for x in (out / "skipped_records.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["where"].endswith("line 65") and "ends with a user message" in rows[0]["reason"]
+    assert rows[0]["record"]["messages"][0]["content"] == "only a question"

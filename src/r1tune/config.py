@@ -64,6 +64,8 @@ class RunConfig(BaseModel):
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the files it names.")
     cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per sample; longer samples are truncated (a sample left with no trained token is dropped).")
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many records from each dataset.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="A malformed record stops the run ('error'), or is skipped, counted per reason and written to output_dir/skipped_records.jsonl ('skip').")
     val_size: float = Field(0.0, ge=0.0, description="Held-out validation share: a fraction (< 1) or a record count (>= 1).")
     # --- output ----------------------------------------------------------------
     output_dir: str = Field(description="Where the adapter or model, tokenizer, logs, plots and checkpoints go.")

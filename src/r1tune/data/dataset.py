@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,18 +20,27 @@ NO_TARGET_LEFT = "prompt fills cutoff_len, no answer token left"
 
 
 @dataclass
+class SkippedRecord:
+    where: str
+    reason: str
+    record: dict | None
+
+
+@dataclass
 class DataReport:
     records: int = 0
     truncated: int = 0
     dropped: Counter = field(default_factory=Counter)
     target_tokens: int = 0
     tokens: int = 0
+    skipped: list[SkippedRecord] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         kept = self.records - sum(self.dropped.values())
         out = [f"{self.records} records, {kept} kept, {self.truncated} truncated at cutoff_len, "
                f"{self.tokens:,} tokens ({self.target_tokens:,} trained)"]
         out += [f"dropped {n}: {reason}" for reason, n in self.dropped.items()]
+        out += [f"skipped {n} bad records: {reason}" for reason, n in Counter(s.reason for s in self.skipped).items()]
         return out
 
 
@@ -41,13 +52,23 @@ class PreparedData:
     report: DataReport
 
 
-def load_conversations(dataset: str, dataset_dir: str, max_samples: int | None) -> list[tuple[str, Conversation]]:
+def load_conversations(dataset: str, dataset_dir: str, max_samples: int | None,
+                       skipped: list[SkippedRecord] | None = None) -> list[tuple[str, Conversation]]:
+    """Every record as a Conversation. Bad records raise, or are collected in `skipped` when given."""
     items = []
     for source in resolve_datasets(dataset, dataset_dir):
-        for where, record in read_records(source.path, limit=max_samples):
-            items.append((where, to_conversation(record, source.spec, where)))
+        for where, record in read_records(source.path, limit=max_samples, skip_bad=skipped is not None):
+            try:
+                if isinstance(record, UserError):
+                    raise record
+                items.append((where, to_conversation(record, source.spec, where)))
+            except UserError as exc:
+                if skipped is None:
+                    raise
+                reason = str(exc).removeprefix(where).lstrip(" :")
+                skipped.append(SkippedRecord(where, reason, record if isinstance(record, dict) else None))
     if not items:
-        raise UserError(f"dataset '{dataset}' holds no records; check the file is not empty")
+        raise UserError(f"dataset '{dataset}' holds no usable records; check the file is not empty")
     return items
 
 
@@ -86,12 +107,22 @@ def encode_all(tokenizer, items: list[tuple[str, Conversation]], cutoff_len: int
 
 
 def prepare_data(cfg, tokenizer) -> PreparedData:
-    items = load_conversations(cfg.dataset, cfg.dataset_dir, cfg.max_samples)
-    train_items, val_items = split_validation(items, cfg.val_size, cfg.seed, cfg.source)
     report = DataReport()
+    skipped = report.skipped if cfg.on_bad_record == "skip" else None
+    items = load_conversations(cfg.dataset, cfg.dataset_dir, cfg.max_samples, skipped)
+    train_items, val_items = split_validation(items, cfg.val_size, cfg.seed, cfg.source)
     train, _ = encode_all(tokenizer, train_items, cfg.cutoff_len, cfg.empty_think, report)
     val, val_conversations = encode_all(tokenizer, val_items, cfg.cutoff_len, cfg.empty_think, report)
     if not train:
         reasons = ", ".join(f"{n} × {r}" for r, n in report.dropped.items())
         raise UserError(f"no training sample is left after tokenization ({reasons}); raise cutoff_len or shorten the prompts")
     return PreparedData(train, val, val_conversations, report)
+
+
+def write_skipped(path, skipped: list[SkippedRecord]) -> None:
+    """skipped_records.jsonl: each bad record with where it was and why it was skipped."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for item in skipped:
+            f.write(json.dumps({"where": item.where, "reason": item.reason, "record": item.record}, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

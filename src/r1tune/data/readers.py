@@ -9,16 +9,21 @@ from typing import Iterator
 from r1tune.errors import UserError
 
 
-def read_records(path: str | Path, limit: int | None = None) -> Iterator[tuple[str, dict]]:
-    """Yield ('file line N' or 'file record N', record) for a .json array or JSON-lines file."""
+def read_records(path: str | Path, limit: int | None = None,
+                 skip_bad: bool = False) -> Iterator[tuple[str, dict | UserError]]:
+    """Yield ('file line N' or 'file record N', record) for a .json array or JSON-lines file.
+
+    A malformed line or non-object record raises, or with skip_bad is yielded as its UserError.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file '{path}' not found; check 'dataset' (and 'dataset_dir') in the config")
     try:
-        if _is_json_lines(path):
-            yield from _read_jsonl(path, limit)
-        else:
-            yield from _read_json_array(path, limit)
+        records = _read_jsonl(path, limit) if _is_json_lines(path) else _read_json_array(path, limit)
+        for where, record in records:
+            if isinstance(record, UserError) and not skip_bad:
+                raise record
+            yield where, record
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); convert the file to UTF-8") from None
 
@@ -43,8 +48,8 @@ def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[str, dict]]:
             except json.JSONDecodeError as exc:
                 if count == 0 and _is_single_object(path):
                     raise UserError(f"{path}: holds one JSON object; a data file must be a list of records or JSON lines") from None
-                raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); fix or remove this line") from None
-            yield where, _require_object(record, where)
+                record = UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno}); fix or remove this line")
+            yield where, _check_object(record, where)
             count += 1
             if limit is not None and count >= limit:
                 return
@@ -59,7 +64,7 @@ def _read_json_array(path: Path, limit: int | None) -> Iterator[tuple[str, dict]
         raise UserError(f"{path}: a .json data file must hold a list of records (or use JSON lines, one record per line)")
     for index, record in enumerate(data[:limit] if limit else data):
         where = f"{path} record {index}"
-        yield where, _require_object(record, where)
+        yield where, _check_object(record, where)
 
 
 def _is_single_object(path: Path) -> bool:
@@ -69,7 +74,7 @@ def _is_single_object(path: Path) -> bool:
         return False
 
 
-def _require_object(record, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise UserError(f"{where}: each record must be a JSON object, got {type(record).__name__}")
-    return record
+def _check_object(record, where: str) -> dict | UserError:
+    if isinstance(record, (dict, UserError)):
+        return record
+    return UserError(f"{where}: each record must be a JSON object, got {type(record).__name__}")

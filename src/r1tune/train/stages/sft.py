@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from r1tune.config import RunConfig, config_to_yaml
-from r1tune.data.dataset import prepare_data
+from r1tune.data.dataset import prepare_data, write_skipped
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.evaluation.generate import GenerationScore, exact_match
@@ -28,6 +28,7 @@ from r1tune.ui import console, print_comparison
 
 FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml")
 RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "eval_results.json", "r1tune_config.yaml",
+                 "skipped_records.jsonl",
                  "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
                  "model.safetensors.index.json", "config.json", "generation_config.json")
 
@@ -94,6 +95,8 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     out.mkdir(parents=True, exist_ok=True)
     if resume is None:
         clear_previous_run(out)
+        if data.report.skipped:
+            write_skipped(out / "skipped_records.jsonl", data.report.skipped)
     else:
         forget_after(out, trainer.state.global_step)
         console.print(f"resumed from {resume} at step {trainer.state.global_step}")
