@@ -112,6 +112,26 @@ def test_accumulation_normalises_over_all_tokens(tiny_ds, parity_file, tmp_path)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
 
 
+def test_length_grouping_cuts_padding_and_covers_epoch():
+    import random
+
+    rng = random.Random(0)
+    examples = [Example([1] * n, [1] * n) for n in (rng.choice([10, 20, 300]) for _ in range(400))]
+
+    def padding(group):
+        pad = real = 0
+        for step in range(batching.steps_per_epoch(400, 8, 1)):
+            for batch in batching.step_micro_batches(examples, 8, 1, seed=3, step=step, group_by_length=group):
+                width = max(len(e.input_ids) for e in batch)
+                pad += sum(width - len(e.input_ids) for e in batch)
+                real += sum(len(e.input_ids) for e in batch)
+        return pad / (pad + real)
+
+    assert padding(True) < 0.05 < 0.5 < padding(False)
+    seen = [id(e) for s in range(50) for b in batching.step_micro_batches(examples, 8, 1, 3, s, True) for e in b]
+    assert sorted(seen) == sorted(id(e) for e in examples)
+
+
 def test_batches_are_deterministic_and_cover_epoch():
     examples = [Example([i, i], [i, i]) for i in range(10)]
     steps = [batching.step_micro_batches(examples, 3, 2, seed=1, step=s) for s in range(2)]
@@ -185,3 +205,9 @@ def test_skipped_records_report_file(tiny_ds, parity_file, tmp_path):
     rows = [json.loads(x) for x in (out / "skipped_records.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["where"].endswith("line 65") and "ends with a user message" in rows[0]["reason"]
     assert rows[0]["record"]["messages"][0]["content"] == "only a question"
+
+
+def test_group_by_length_run(tiny_ds, parity_file, tmp_path):
+    run_sft(make_cfg(tiny_ds, parity_file, tmp_path / "out", max_steps=6, group_by_length=True, learning_rate=1e-2))
+    losses = train_losses(tmp_path / "out")
+    assert losses[6] < losses[1]

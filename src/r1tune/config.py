@@ -73,6 +73,7 @@ class RunConfig(BaseModel):
     # --- optimisation ----------------------------------------------------------
     per_device_train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for training.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for evaluation.")
+    group_by_length: bool = Field(False, description="Put samples of similar length in the same batch (less padding, same data each epoch).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the loss is normalised over all target tokens of the step.")
     learning_rate: float = Field(5e-5, gt=0.0, description="Peak AdamW learning rate.")
     num_train_epochs: float = Field(3.0, gt=0.0, description="Epochs to train (ignored when max_steps > 0).")

@@ -9,12 +9,28 @@ import torch
 
 from r1tune.data.encode import IGNORE, Example
 
+GROUP_WINDOW = 50  # batches per length-sorted window
 
-def epoch_order(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro-batches of example indices for one epoch; the same (seed, epoch) gives the same order."""
-    order = list(range(n_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n_examples, batch_size)]
+
+def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                group_by_length: bool = False) -> list[list[int]]:
+    """Micro-batches of example indices for one epoch; the same (seed, epoch) gives the same order.
+
+    group_by_length sorts each window of 50 batches by length before cutting it into batches
+    (then shuffles the batches), so samples of similar length share a batch and less is padding.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * GROUP_WINDOW
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int) -> int:
@@ -22,11 +38,12 @@ def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int) -> int:
 
 
 def step_micro_batches(examples: list[Example], batch_size: int, accumulation: int, seed: int,
-                       step: int) -> list[list[Example]]:
+                       step: int, group_by_length: bool = False) -> list[list[Example]]:
     """The micro-batches that make up global optimizer step `step` (0-based)."""
     per_epoch = steps_per_epoch(len(examples), batch_size, accumulation)
     epoch, within = divmod(step, per_epoch)
-    batches = epoch_order(len(examples), batch_size, seed, epoch)
+    lengths = [len(e.input_ids) for e in examples]
+    batches = epoch_order(lengths, batch_size, seed, epoch, group_by_length)
     chosen = batches[within * accumulation:(within + 1) * accumulation]
     return [[examples[i] for i in batch] for batch in chosen]
 

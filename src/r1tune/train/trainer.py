@@ -116,7 +116,7 @@ class Trainer:
         """One optimizer step; returns (mean token loss, non-pad tokens, grad norm)."""
         cfg = self.cfg
         micro = batching.step_micro_batches(self.train_set, cfg.per_device_train_batch_size,
-                                            cfg.gradient_accumulation_steps, cfg.seed, step)
+                                            cfg.gradient_accumulation_steps, cfg.seed, step, cfg.group_by_length)
         batches = [batching.collate(b, self.pad_id) for b in micro]
         n_targets = max(1, sum(batching.count_targets(b) for b in batches))
         self.model.train()
