@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from r1tune.data.formats import Conversation, to_conversation
 from r1tune.data.readers import read_records
 from r1tune.data.registry import resolve_datasets
 from r1tune.errors import UserError
+from r1tune.fileio import write_text_atomic
 
 NO_TARGET_LEFT = "prompt fills cutoff_len, no answer token left"
 
@@ -58,15 +58,17 @@ def load_conversations(dataset: str, dataset_dir: str, max_samples: int | None,
     items = []
     for source in resolve_datasets(dataset, dataset_dir):
         for where, record in read_records(source.path, limit=max_samples, skip_bad=skipped is not None):
-            try:
-                if isinstance(record, UserError):
-                    raise record
-                items.append((where, to_conversation(record, source.spec, where)))
-            except UserError as exc:
-                if skipped is None:
-                    raise
-                reason = str(exc).removeprefix(where).lstrip(" :")
-                skipped.append(SkippedRecord(where, reason, record if isinstance(record, dict) else None))
+            problem = record if isinstance(record, UserError) else None
+            if problem is None:
+                try:
+                    items.append((where, to_conversation(record, source.spec, where)))
+                    continue
+                except UserError as exc:
+                    problem = exc
+            if skipped is None:
+                raise problem
+            reason = str(problem).removeprefix(where).lstrip(" :")
+            skipped.append(SkippedRecord(where, reason, record if isinstance(record, dict) else None))
     if not items:
         raise UserError(f"dataset '{dataset}' holds no usable records; check the file is not empty")
     return items
@@ -121,8 +123,5 @@ def prepare_data(cfg, tokenizer) -> PreparedData:
 
 def write_skipped(path, skipped: list[SkippedRecord]) -> None:
     """skipped_records.jsonl: each bad record with where it was and why it was skipped."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for item in skipped:
-            f.write(json.dumps({"where": item.where, "reason": item.reason, "record": item.record}, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    rows = ({"where": item.where, "reason": item.reason, "record": item.record} for item in skipped)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -34,7 +34,8 @@ def check_model_source(name: str) -> None:
         return
     if path.exists():
         raise UserError(f"model_name_or_path '{name}' is a file, not a model folder; point it at the folder holding config.json")
-    if not looks_like_hub_id(name) or path.parent.is_dir() and str(path.parent) not in ("", "."):
+    local_parent = path.parent.is_dir() and str(path.parent) not in ("", ".")  # 'outputs/x' is a path, not a hub id
+    if not looks_like_hub_id(name) or local_parent:
         raise UserError(f"model_name_or_path '{name}' does not exist; give a local model folder or a hub id like 'org/name'")
 
 
@@ -74,7 +75,10 @@ def read_adapter_base(folder: Path) -> str | None:
     config = folder / "adapter_config.json"
     if not config.is_file():
         return None
-    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{config}: not a valid adapter config (JSON object); re-save the adapter") from None
 
 
 def _first_line(exc: Exception) -> str:

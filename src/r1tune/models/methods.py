@@ -17,13 +17,11 @@ import contextlib
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from r1tune.errors import UserError
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
-PRESETS = ("all", "attention", "mlp")
 
 
 @dataclass
@@ -53,7 +51,7 @@ def resolve_lora_targets(model: nn.Module, lora_target: str, include_experts: bo
         return LoraTargets([n for n in linears if ".self_attn." in n], [])
     if key == "mlp":
         return LoraTargets([n for n in linears if ".mlp." in n], experts)
-    return _named_targets(lora_target, linears, expert_parameter_names(model) if include_experts else [])
+    return _named_targets(lora_target, linears, experts)
 
 
 def _named_targets(spec: str, linears: list[str], experts: list[str]) -> LoraTargets:
@@ -61,7 +59,7 @@ def _named_targets(spec: str, linears: list[str], experts: list[str]) -> LoraTar
     modules, params = [], []
     for word in wanted:
         hit_modules = [n for n in linears if n == word or n.endswith("." + word)]
-        hit_params = [n for n in experts if n == word or n.endswith("." + word) or n.endswith(f".experts.{word}")]
+        hit_params = [n for n in experts if n == word or n.endswith("." + word)]
         if not hit_modules and not hit_params:
             leaves = sorted({n.rsplit(".", 1)[-1] for n in linears + experts})
             raise UserError(
@@ -147,7 +145,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def describe_trainable(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

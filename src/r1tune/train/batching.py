@@ -37,15 +37,31 @@ def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int) -> int:
     return math.ceil(math.ceil(n_examples / batch_size) / accumulation)
 
 
+class BatchPlan:
+    """Which examples form each optimizer step; an epoch's order is computed once, not per step."""
+
+    def __init__(self, examples: list[Example], batch_size: int, accumulation: int, seed: int,
+                 group_by_length: bool = False):
+        self.examples, self.batch_size, self.accumulation = examples, batch_size, accumulation
+        self.seed, self.group_by_length = seed, group_by_length
+        self.lengths = [len(e.input_ids) for e in examples]
+        self.per_epoch = steps_per_epoch(len(examples), batch_size, accumulation)
+        self._epoch, self._batches = None, []
+
+    def micro_batches(self, step: int) -> list[list[Example]]:
+        """The micro-batches that make up global optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = epoch_order(self.lengths, self.batch_size, self.seed, epoch, self.group_by_length)
+        chosen = self._batches[within * self.accumulation:(within + 1) * self.accumulation]
+        return [[self.examples[i] for i in batch] for batch in chosen]
+
+
 def step_micro_batches(examples: list[Example], batch_size: int, accumulation: int, seed: int,
                        step: int, group_by_length: bool = False) -> list[list[Example]]:
-    """The micro-batches that make up global optimizer step `step` (0-based)."""
-    per_epoch = steps_per_epoch(len(examples), batch_size, accumulation)
-    epoch, within = divmod(step, per_epoch)
-    lengths = [len(e.input_ids) for e in examples]
-    batches = epoch_order(lengths, batch_size, seed, epoch, group_by_length)
-    chosen = batches[within * accumulation:(within + 1) * accumulation]
-    return [[examples[i] for i in batch] for batch in chosen]
+    """One step's micro-batches without keeping a plan (same result as BatchPlan.micro_batches)."""
+    return BatchPlan(examples, batch_size, accumulation, seed, group_by_length).micro_batches(step)
 
 
 def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

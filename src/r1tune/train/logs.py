@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from r1tune.fileio import write_text_atomic
+
 
 class MetricsLog:
     """Appends one JSON object per record to trainer_log.jsonl and mirrors scalars to TensorBoard."""
@@ -44,7 +46,7 @@ def truncate_log_after(output_dir: Path, step: int) -> None:
     records = [r for r in read_log(output_dir) if r["step"] <= step]
     path = output_dir / "trainer_log.jsonl"
     if path.exists():
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def plot_loss(output_dir: Path) -> Path | None:

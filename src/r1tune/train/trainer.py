@@ -71,6 +71,8 @@ class Trainer:
         self.device = pick_device()
         self.model.to(self.device)
         self.optimizer = build_optimizer(model, cfg)
+        self.plan = batching.BatchPlan(train, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                       cfg.seed, cfg.group_by_length)
         self.total = total_steps(cfg, len(train))
         self.warmup = schedule.warmup_steps(self.total, cfg.warmup_steps, cfg.warmup_ratio)
         self.state = TrainerState()
@@ -115,8 +117,7 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, int, float]:
         """One optimizer step; returns (mean token loss, non-pad tokens, grad norm)."""
         cfg = self.cfg
-        micro = batching.step_micro_batches(self.train_set, cfg.per_device_train_batch_size,
-                                            cfg.gradient_accumulation_steps, cfg.seed, step, cfg.group_by_length)
+        micro = self.plan.micro_batches(step)
         batches = [batching.collate(b, self.pad_id) for b in micro]
         n_targets = max(1, sum(batching.count_targets(b) for b in batches))
         self.model.train()
@@ -197,6 +198,4 @@ class Trainer:
         return False
 
     def _epoch(self) -> float:
-        per_epoch = batching.steps_per_epoch(len(self.train_set), self.cfg.per_device_train_batch_size,
-                                             self.cfg.gradient_accumulation_steps)
-        return self.state.global_step / per_epoch
+        return self.state.global_step / self.plan.per_epoch

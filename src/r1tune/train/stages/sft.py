@@ -19,6 +19,7 @@ from r1tune.data.dataset import prepare_data, write_skipped
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.evaluation.generate import GenerationScore, exact_match
+from r1tune.fileio import write_text_atomic
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
 from r1tune.models.methods import attach_method, describe_trainable, exact_lora_targets
 from r1tune.train.checkpoint import atomic_dir, find_checkpoint, list_checkpoints
@@ -104,8 +105,8 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     result = trainer.fit()
     after = _measure(trainer, tokenizer, data.val_conversations, cfg, eval_loss=result.eval_loss)
     save_final(model, tokenizer, cfg, out)
-    write_json_atomic(out / "eval_results.json", {"before": _plain(before), "after": _plain(after),
-                                                  "global_step": result.global_step})
+    results = {"before": _plain(before), "after": _plain(after), "global_step": result.global_step}
+    write_text_atomic(out / "eval_results.json", json.dumps(results, indent=2, ensure_ascii=False))
     if cfg.plot_loss and (png := plot_loss(out)):
         console.print(f"loss curve: {png}")
     print_comparison(before, after)
@@ -129,12 +130,6 @@ def _measure(trainer: Trainer, tokenizer, conversations, cfg, eval_loss: float |
 
 def _plain(scores: dict | None) -> dict | None:
     return None if scores is None else {k: v for k, v in scores.items() if k != "sample"}
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_final(model, tokenizer, cfg: RunConfig, out: Path) -> None:
