@@ -97,19 +97,43 @@ def test_accumulation_normalises_over_all_tokens(tiny_ds, parity_file, tmp_path)
     from r1tune.models.methods import attach_method
 
     grads = []
-    for bs, ga in ((8, 1), (4, 2)):
-        cfg = make_cfg(tiny_ds, parity_file, tmp_path / f"o{bs}", per_device_train_batch_size=bs,
-                       gradient_accumulation_steps=ga, finetuning_type="full", max_grad_norm=0)
+    # whole batch of 8; 4 x accumulation 2; 8 cut into token-budget micro-batches
+    for bs, ga, budget in ((8, 1, 0), (4, 2, 0), (8, 1, 48)):
+        cfg = make_cfg(tiny_ds, parity_file, tmp_path / f"o{bs}{budget}", per_device_train_batch_size=bs,
+                       gradient_accumulation_steps=ga, finetuning_type="full", max_grad_norm=0,
+                       micro_batch_tokens=budget)
         tok = load_tokenizer(str(tiny_ds))
         data = prepare_data(cfg, tok)
         model = attach_method(load_model(str(tiny_ds)), cfg)
         trainer = Trainer(model, cfg, data.train, [], tok.pad_token_id, tmp_path)
         trainer.optimizer.step = lambda: None  # keep weights; inspect the gradient only
         trainer.optimizer.zero_grad = lambda set_to_none=True: None
+        if budget:
+            step = trainer.plan.micro_batches(0)[0]
+            assert len(batching.split_by_tokens(step, budget)) > 2  # the budget really cuts this batch
         loss, _, _ = trainer.train_step(0)
         grads.append((loss, model.lm_head.weight.grad.clone()))
-    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-5)
-    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6)
+    for loss, grad in grads[1:]:
+        assert grads[0][0] == pytest.approx(loss, rel=1e-5)
+        assert torch.allclose(grads[0][1], grad, atol=1e-6)
+
+
+def test_split_by_tokens_keeps_every_example_within_budget():
+    import random
+
+    rng = random.Random(0)
+    batch = [Example([1] * n, [1] * n) for n in (rng.randint(1, 300) for _ in range(32))]
+    parts = batching.split_by_tokens(batch, 512)
+    assert sorted(id(e) for p in parts for e in p) == sorted(id(e) for e in batch)
+    for part in parts:
+        widths = [len(e.input_ids) for e in part]
+        assert len(part) == 1 or len(part) * max(widths) <= 512
+    padded = sum(len(p) * max(len(e.input_ids) for e in p) for p in parts)
+    assert padded < 32 * 300  # longest-first cutting also pads less than one 32-row batch
+    assert batching.split_by_tokens(batch, 0) == [batch]
+    assert [len(p) for p in batching.split_by_tokens(batch, 1)] == [1] * 32  # never below one row
+    assert batching.micro_batch_budget(None, "cpu") == 1024 and batching.micro_batch_budget(None, "cuda") == 0
+    assert batching.micro_batch_budget(4096, "cuda") == 4096
 
 
 def test_length_grouping_cuts_padding_and_covers_epoch():

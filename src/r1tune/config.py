@@ -98,6 +98,7 @@ class RunConfig(BaseModel):
     per_device_train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for training.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for evaluation.")
     group_by_length: Optional[bool] = Field(None, description="Put samples of similar length in the same batch (less padding, same data each epoch). Empty: on when shuffled batches would be >= 30% padding (2.5x the tokens/s on skewed data in bench/train_throughput.py); off for evenly sized data, where homogeneous batches only slow convergence.")
+    micro_batch_tokens: Optional[int] = Field(None, ge=0, description="Cut each batch into micro-batches of at most this many padded tokens (rows x longest row; one row at least) and accumulate their gradients: the same update with activation memory in proportion to this number. Empty: 1024 on CPU, where tokens/s does not drop below that size (bench/scaling.py); no cutting on GPU. 0: never cut.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the loss is normalised over all target tokens of the step.")
     learning_rate: float = Field(5e-5, gt=0.0, description="Peak AdamW learning rate.")
     num_train_epochs: float = Field(3.0, gt=0.0, description="Epochs to train (ignored when max_steps > 0).")

@@ -91,6 +91,32 @@ def step_micro_batches(examples: list[Example], batch_size: int, accumulation: i
     return BatchPlan(examples, batch_size, accumulation, seed, group_by_length).micro_batches(step)
 
 
+CPU_MICRO_BATCH_TOKENS = 1024  # tokens/s on CPU is flat (or better) from here up, memory is not
+
+
+def micro_batch_budget(setting: int | None, device_type: str) -> int:
+    """Padded tokens allowed per micro-batch; 0 means whole batches."""
+    if setting is not None:
+        return setting
+    return CPU_MICRO_BATCH_TOKENS if device_type == "cpu" else 0
+
+
+def split_by_tokens(batch: list[Example], budget: int) -> list[list[Example]]:
+    """Longest-first sub-batches whose rows x longest row stays within `budget` (one row at least).
+
+    Sorting first also cuts padding: each sub-batch is padded only to its own longest row.
+    """
+    if budget <= 0:
+        return [batch]
+    parts, current = [], []
+    for example in sorted(batch, key=lambda e: len(e.input_ids), reverse=True):
+        if current and (len(current) + 1) * len(current[0].input_ids) > budget:
+            parts.append(current)
+            current = []
+        current.append(example)
+    return parts + [current] if current else parts
+
+
 def collate(batch: list[Example], pad_id: int, attn: str = "sdpa") -> dict[str, torch.Tensor]:
     """Right-pad to the longest row; padding is masked out of attention and loss.
 

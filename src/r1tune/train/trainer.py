@@ -108,9 +108,13 @@ class Trainer:
         self.bf16 = use_bf16(cfg.bf16, cfg.fp16, self.device)
         self.autocast = lambda: autocast_context(self.device, self.bf16, cfg.fp16)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+        self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type)
         longest = max(self.plan.lengths, default=0)
+        rows = cfg.per_device_train_batch_size
+        if self.micro_tokens:  # the largest micro-batch after cutting
+            rows = max(1, min(rows, self.micro_tokens // max(longest, 1)))
         self.checkpointing, self.checkpointing_reason = checkpointing_decision(
-            cfg.gradient_checkpointing, model.config, cfg.per_device_train_batch_size, longest, cfg.memory_budget_gb)
+            cfg.gradient_checkpointing, model.config, rows, longest, cfg.memory_budget_gb)
         if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -154,7 +158,8 @@ class Trainer:
     def train_step(self, step: int) -> tuple[float, int, float]:
         """One optimizer step; returns (mean token loss, non-pad tokens, grad norm)."""
         cfg = self.cfg
-        micro = self.plan.micro_batches(step)
+        micro = [part for batch in self.plan.micro_batches(step)
+                 for part in batching.split_by_tokens(batch, self.micro_tokens)]
         batches = [batching.collate(b, self.pad_id, self.attn) for b in micro]
         n_targets = max(1, sum(batching.count_targets(b) for b in batches))
         self.model.train()
@@ -175,8 +180,10 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         size = self.cfg.per_device_eval_batch_size
-        for i in range(0, len(self.val_set), size):
-            batch = batching.collate(self.val_set[i:i + size], self.pad_id, self.attn)
+        parts = [part for i in range(0, len(self.val_set), size)
+                 for part in batching.split_by_tokens(self.val_set[i:i + size], self.micro_tokens)]
+        for part in parts:
+            batch = batching.collate(part, self.pad_id, self.attn)
             batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
             with self.autocast():
                 total += self._loss_sum(batch).item()

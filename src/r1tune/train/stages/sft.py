@@ -112,8 +112,9 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     console.print(describe_trainable(model))
     trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, out, epochs)
     precision = "bf16 autocast" if trainer.bf16 else ("fp16 autocast" if cfg.fp16 else "fp32")
-    console.print(f"speed: {precision}, {'length-grouped' if cfg.group_by_length else 'shuffled'} batches, "
-                  f"{'chunked loss' if trainer.split else 'full-logits loss'}, gradient checkpointing "
+    cutting = f"cut to <= {trainer.micro_tokens} tokens" if trainer.micro_tokens else "not cut"
+    console.print(f"speed: {precision}, {'length-grouped' if trainer.plan.group_by_length else 'shuffled'} batches "
+                  f"({cutting}), {'chunked loss' if trainer.split else 'full-logits loss'}, gradient checkpointing "
                   f"{'on' if trainer.checkpointing else 'off'} ({trainer.checkpointing_reason})", style="dim")
     if resume is not None:
         trainer.load_state(resume)  # validated before anything is written
