@@ -62,7 +62,7 @@ def test_pack_fills_rows_first_fit_and_keeps_every_sample():
 
 def test_collate_positions_restart_and_mask_is_block_diagonal():
     row = Example([5, 6, 7, 8, 9], [5, 6, 7, 8, 9], segments=(3, 2))
-    batch = collate([row, Example([1, 2], [1, 2], segments=(2,))], pad_id=0, attn="sdpa")
+    batch = collate([row, Example([1, 2], [1, 2], segments=(2,))], pad_id=0, attn="sdpa", multiple=1)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 0, 0]]
     mask = batch["attention_mask"][0, 0]
     assert mask[4].tolist() == [False, False, False, True, True]  # the second sample sees only itself
@@ -114,3 +114,10 @@ def test_packed_sft_run_with_eval_dataset(tiny_ds, parity_file, tmp_path):
     train = [r["loss"] for r in rows if r["split"] == "train"]
     assert len(train) == 6 and train[-1] < train[0]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [6]
+
+
+def test_collate_rounds_width_and_masks_the_extra_padding():
+    batch = collate([Example([5] * 70, [5] * 70), Example([1, 2], [1, 2])], pad_id=0)
+    assert batch["input_ids"].shape == (2, 128)
+    assert int(batch["attention_mask"].sum()) == 72 == int(batch["num_tokens"])
+    assert int((batch["labels"] != -100).sum()) == 72
