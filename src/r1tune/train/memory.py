@@ -4,7 +4,9 @@ Checkpointing saves most activation memory but costs about a quarter of the thro
 here (bench/train_throughput.py: 1,798 -> 1,344 tokens/s, 2.92 -> 1.79 GB on a 20M Qwen2).
 So with `gradient_checkpointing` left empty r1tune estimates the activations the largest
 micro-batch keeps for the backward pass and turns checkpointing on only when they exceed
-the budget (`memory_budget_gb`, default half of the memory available at start).
+the budget (`memory_budget_gb`, default half of the memory available at start). The largest
+micro-batch is the one left after cutting batches to `micro_batch_tokens` (batching.py),
+which on CPU already bounds activations to about 1,024 tokens' worth.
 """
 
 from __future__ import annotations
