@@ -2,7 +2,9 @@
 
     python bench/train_throughput.py --quick      # < 3 min: tiny Qwen2, 160 records, r1tune vs TRL defaults;
                                                   # exits 1 if r1tune is below 1.5x TRL's tokens/s
-    python bench/train_throughput.py              # qwen2 ~20M, deepseek_v3 ~20M, qwen2 ~100M; 2,000 records
+    python bench/train_throughput.py              # qwen2 ~20M and deepseek_v3 ~20M on 400 records, qwen2 ~100M
+                                                  # on 200 (the README's table; about 75 minutes)
+    python bench/train_throughput.py --records 2000 --models qwen2-20M   # the size (about an hour)
 
 Every run trains one epoch over the same synthetic skewed-length alpaca records with LoRA
 r=16, alpha=32 on all linear projections, batch 8, cutoff 1,024, learning rate 1e-4, seed 0,
@@ -37,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lf_env import ensure_lf_env, ensure_trl_env  # noqa: E402
 
 MODELS = {"qwen2-20M": ("qwen2", 512, 6), "deepseek_v3-20M": ("deepseek_v3", 448, 6), "qwen2-100M": ("qwen2", 1024, 8)}
+# TRL and LLaMA-Factory train at 80-500 tokens/s here, so the default sizes keep one run near an hour.
+DEFAULT_RECORDS = {"qwen2-20M": 400, "deepseek_v3-20M": 400, "qwen2-100M": 200}
 WORDS = ("the model reads each record and learns to answer with care while the data stays small "
          "模型 读取 每条 记录 并 学习 回答 数据 很 小 value price contract patient ticket refund").split()
 
@@ -181,11 +185,9 @@ def main() -> int:
     args = parser.parse_args()
     from r1tune.models.tiny import build_tiny
 
-    records = args.records or (160 if args.quick else 2000)
     models = args.models or (["qwen2-20M"] if args.quick else list(MODELS))
     work = Path(tempfile.mkdtemp(prefix="r1tune-train-bench-"))
-    data, held_out = work / "records.jsonl", work / "held_out.jsonl"
-    write_records(data, records)
+    held_out = work / "held_out.jsonl"
     write_records(held_out, 64, seed=1)  # the same held-out records score every run
     overrides = {k: json.loads(v) if v in ("true", "false") or v.replace(".", "").isdigit() else v
                  for k, v in (item.split("=", 1) for item in args.r1tune)}
@@ -195,6 +197,10 @@ def main() -> int:
     print(f"matmul ceiling: bf16 {ceiling:,.0f} GFLOP/s, fp32 {matmul_ceiling('fp32'):,.0f} GFLOP/s")
     worst = None
     for name in models:
+        records = args.records or (160 if args.quick else DEFAULT_RECORDS[name])
+        data = work / f"records-{records}.jsonl"
+        if not data.exists():
+            write_records(data, records)
         arch, hidden, layers = MODELS[("qwen2-20M" if args.quick else name)]
         if args.quick:
             hidden, layers = 256, 4
