@@ -32,6 +32,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from configs import write_config  # noqa: E402
 from lf_env import ensure_lf_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def r1tune_command(work: Path, data: Path, model: Path, cache: Path, workers: in
     keys = {"model_name_or_path": str(model), "dataset": str(data), "output_dir": str(work / "out"),
             "template": "deepseek_r1", "cutoff_len": 1024, "data_cache_dir": str(cache),
             "preprocessing_num_workers": workers}
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()), encoding="utf-8")
+    write_config(config, keys)
     return [sys.executable, "-m", "r1tune", "data", "check", str(config)]
 
 

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from configs import write_config  # noqa: E402
 from train_throughput import WORDS, matmul_ceiling, measure  # noqa: E402
 
 SIZES = {"qwen2-4M": (256, 4), "qwen2-20M": (512, 6), "qwen2-100M": (1024, 8)}
@@ -74,7 +75,7 @@ def train_once(work: Path, model: Path, data: Path, seq: int, name: str, extra: 
             "report_to": "none", "plot_loss": False, "val_size": 0, "data_cache_dir": str(work / "cache"),
             "overwrite_output_dir": True, **(extra or {})}
     config = work / f"{name}.yaml"
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()), encoding="utf-8")
+    write_config(config, keys)
     _, rss = measure([sys.executable, "-m", "r1tune", "train", str(config)])
     result = json.loads((out / "eval_results.json").read_text())
     return {"tokens_s": result["train_tokens"] / result["train_runtime"], "rss": rss}

@@ -36,6 +36,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from configs import write_config  # noqa: E402
 from lf_env import ensure_lf_env, ensure_trl_env  # noqa: E402
 
 MODELS = {"qwen2-20M": ("qwen2", 512, 6), "deepseek_v3-20M": ("deepseek_v3", 448, 6), "qwen2-100M": ("qwen2", 1024, 8)}
@@ -107,7 +108,7 @@ def run_r1tune(work: Path, model: Path, data: Path, name: str, extra: dict | Non
             "data_cache_dir": str(work / "cache"), "overwrite_output_dir": True,
             **({"eval_dataset": str(held_out), "per_device_eval_batch_size": 8} if held_out else {}), **(extra or {})}
     config = work / f"r1tune-{name}.yaml"
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()), encoding="utf-8")
+    write_config(config, keys)
     _, rss = measure([sys.executable, "-m", "r1tune", "train", str(config)])
     result = json.loads((out / "eval_results.json").read_text())
     return {"seconds": result["train_runtime"], "tokens": result["train_tokens"], "rss": rss, "loss": result["train_loss"],
@@ -163,7 +164,7 @@ def run_lf(python: str, work: Path, model: Path, data: Path, name: str, held_out
             "output_dir": str(folder / "out"), "overwrite_output_dir": True, "overwrite_cache": True,
             "report_to": "none", "use_cpu": True}
     config = folder / "train.yaml"
-    config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()), encoding="utf-8")
+    write_config(config, keys)
     cli = str(Path(python).parent / "llamafactory-cli")
     env = {**os.environ, "DISABLE_VERSION_CHECK": "1", "CUDA_VISIBLE_DEVICES": ""}
     _, rss = measure([cli, "train", str(config)], env=env)

@@ -91,6 +91,17 @@ def step_micro_batches(examples: list[Example], batch_size: int, accumulation: i
     return BatchPlan(examples, batch_size, accumulation, seed, group_by_length).micro_batches(step)
 
 
+# Widths are rounded up to this so a run sees a few dozen tensor shapes, not hundreds: oneDNN's
+# bf16 kernels keep per-shape state, and free-form widths grew a 20M Qwen2 run's peak RSS from
+# 1.3 to 2.5 GB at the same speed (bench/train_throughput.py before and after commit d9eb960).
+# Also what GPU tensor cores like.
+PAD_MULTIPLE = 64
+
+
+def padded_width(longest: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-longest // multiple) * multiple
+
+
 # On CPU, cutting to 1,024 tokens costs no tokens/s (bigger matmuls are no faster) and bounds activations.
 CPU_MICRO_BATCH_TOKENS = 1024
 
@@ -102,8 +113,9 @@ def micro_batch_budget(setting: int | None, device_type: str) -> int:
     return CPU_MICRO_BATCH_TOKENS if device_type == "cpu" else 0
 
 
-def split_by_tokens(batch: list[Example], budget: int) -> list[list[Example]]:
-    """Longest-first sub-batches whose rows x longest row stays within `budget` (one row at least).
+def split_by_tokens(batch: list[Example], budget: int, multiple: int = PAD_MULTIPLE) -> list[list[Example]]:
+    """Longest-first sub-batches whose padded size (rows x collate's width) stays within `budget`
+    (one row at least).
 
     Sorting first also cuts padding: each sub-batch is padded only to its own longest row.
     """
@@ -111,17 +123,11 @@ def split_by_tokens(batch: list[Example], budget: int) -> list[list[Example]]:
         return [batch]
     parts, current = [], []
     for example in sorted(batch, key=lambda e: len(e.input_ids), reverse=True):
-        if current and (len(current) + 1) * len(current[0].input_ids) > budget:
+        if current and (len(current) + 1) * padded_width(len(current[0].input_ids), multiple) > budget:
             parts.append(current)
             current = []
         current.append(example)
     return parts + [current] if current else parts
-
-
-# Widths are rounded up to this so a run sees a few dozen tensor shapes, not hundreds: oneDNN's
-# bf16 kernels keep per-shape state, and varied shapes grew a 20M Qwen2 run's peak RSS from
-# 1.3 to 2.5 GB at the same speed (bench/train_throughput.py). Also what GPU tensor cores like.
-PAD_MULTIPLE = 64
 
 
 def collate(batch: list[Example], pad_id: int, attn: str = "sdpa",
@@ -132,7 +138,7 @@ def collate(batch: list[Example], pad_id: int, attn: str = "sdpa",
     block-diagonal causal mask; `attn` is the model's attention implementation,
     which decides the mask's form (bool for SDPA, additive for eager, none for flash).
     """
-    width = -(-max(len(e.input_ids) for e in batch) // multiple) * multiple
+    width = padded_width(max(len(e.input_ids) for e in batch), multiple)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)

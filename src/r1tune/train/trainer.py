@@ -112,7 +112,7 @@ class Trainer:
         longest = max(self.plan.lengths, default=0)
         rows = cfg.per_device_train_batch_size
         if self.micro_tokens:  # the largest micro-batch after cutting
-            rows = max(1, min(rows, self.micro_tokens // max(longest, 1)))
+            rows = max(1, min(rows, self.micro_tokens // batching.padded_width(max(longest, 1))))
         self.checkpointing, self.checkpointing_reason = checkpointing_decision(
             cfg.gradient_checkpointing, model.config, rows, longest, cfg.memory_budget_gb)
         if self.checkpointing:
