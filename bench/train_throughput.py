@@ -57,7 +57,12 @@ data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["instruction
 settings = dict(output_dir=a["out"], per_device_train_batch_size=8, max_length=1024, num_train_epochs=1,
                 learning_rate=1e-4, use_cpu=True, report_to="none", logging_steps=5, save_strategy="no", seed=0)
 config = SFTConfig(**{**settings, **a["extra"]})
-lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+# r1tune's exact targets (PEFT's "all-linear" on DeepSeek-V3 would adapt the router and drop the shared
+# experts); PEFT's v4->v5 MoE rename is switched off as r1tune does, so the names are taken as given.
+from peft.utils import transformers_weight_conversion
+transformers_weight_conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+lora = LoraConfig(r=16, lora_alpha=32, target_modules=a["targets"]["modules"],
+                  target_parameters=a["targets"]["parameters"] or None, task_type="CAUSAL_LM")
 held = [json.loads(line) for line in open(a["eval"], encoding="utf-8")]
 held = Dataset.from_list([{"prompt": [{"role": "user", "content": r["instruction"]}],
                            "completion": [{"role": "assistant", "content": r["output"]}]} for r in held])
@@ -115,9 +120,24 @@ def run_r1tune(work: Path, model: Path, data: Path, name: str, extra: dict | Non
             "eval_loss": (result.get("after") or {}).get("eval_loss")}
 
 
+def lora_targets(model_dir: Path) -> dict:
+    """What r1tune's `lora_target: all` adapts on this model, as a PEFT regex of exact names + expert parameters."""
+    import re
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from r1tune.models.methods import resolve_lora_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    targets = resolve_lora_targets(model, "all", include_experts=True)
+    return {"modules": "|".join(re.escape(n) for n in targets.modules), "parameters": targets.parameters}
+
+
 def run_trl(python: str, work: Path, model: Path, data: Path, name: str, extra: dict, held_out: Path) -> dict:
     args = {"model": str(model), "data": str(data), "eval": str(held_out), "out": str(work / f"trl-{name}"),
-            "extra": extra}
+            "extra": extra, "targets": lora_targets(model)}
     text, rss = measure([python, "-c", TRL_SCRIPT, json.dumps(args)], env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     result = json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
     return {"seconds": result["train_runtime"], "rss": rss, "loss": result["loss"], "eval_loss": result["eval_loss"]}

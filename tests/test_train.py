@@ -132,7 +132,7 @@ def test_split_by_tokens_keeps_every_example_within_budget():
     assert padded < 32 * 300  # longest-first cutting also pads less than one 32-row batch
     assert batching.split_by_tokens(batch, 0) == [batch]
     assert [len(p) for p in batching.split_by_tokens(batch, 1)] == [1] * 32  # never below one row
-    assert batching.micro_batch_budget(None, "cpu") == 1024 and batching.micro_batch_budget(None, "cuda") == 0
+    assert batching.micro_batch_budget(None, "cpu") == 512 and batching.micro_batch_budget(None, "cuda") == 0
     assert batching.micro_batch_budget(4096, "cuda") == 4096
 
 

@@ -24,7 +24,7 @@ from r1tune.train.checkpoint import TrainerState
 from r1tune.train.chunked_loss import chunked_loss_sum, plain_head
 from r1tune.train.logs import MetricsLog
 from r1tune.train.losses import causal_lm_loss_sum
-from r1tune.train.memory import checkpointing_decision
+from r1tune.train.memory import checkpointing_decision, release_free_memory
 
 
 @dataclass
@@ -172,6 +172,9 @@ class Trainer:
             total_loss += loss.item()
             tokens += int(batch["num_tokens"])
         grad_norm = self._apply_update(step)
+        del batches, batch
+        if self.device.type == "cpu":
+            release_free_memory()
         return total_loss, tokens, grad_norm
 
     @torch.no_grad()
