@@ -136,6 +136,17 @@ def test_split_by_tokens_keeps_every_example_within_budget():
     assert batching.micro_batch_budget(4096, "cuda") == 4096
 
 
+def test_auto_grouping_counts_padding_after_micro_batch_cutting():
+    # one long row with seven short ones: 77 % padding as one batch, none once cut at 512 tokens
+    examples = [Example([1] * n, [1] * n) for n in [500] + [60] * 7] * 4
+    uncut = batching.BatchPlan(examples, 8, 1, seed=0, group_by_length=None)
+    cut = batching.BatchPlan(examples, 8, 1, seed=0, group_by_length=None, micro_tokens=512)
+    lengths, batches = [500] + [60] * 7, [list(range(8))]
+    assert batching.padding_share(lengths, batches) > 0.7
+    assert batching.padding_share(lengths, batches, 512) == 0.0
+    assert uncut.group_by_length is True and cut.group_by_length is False
+
+
 def test_length_grouping_cuts_padding_and_covers_epoch():
     import random
 

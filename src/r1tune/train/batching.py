@@ -13,7 +13,9 @@ from r1tune.train.sampling import balanced_order
 
 GROUP_WINDOW = 50  # batches per length-sorted window
 # group_by_length auto: sorting batches by length makes them homogeneous (e.g. one language per
-# batch), which can slow convergence, so it is only worth it when padding would waste this share.
+# batch), which can slow convergence, so it is only worth it when padding would waste this share
+# of shuffled micro-batches (after cutting, which already pads each piece to its own longest row:
+# on the 20M DeepSeek-V3 bench grouping cost 4.074 vs 3.750 held-out loss).
 AUTO_GROUP_PADDING = 0.30
 
 
@@ -41,13 +43,14 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
     return batches
 
 
-def padding_share(lengths: list[int], batches: list[list[int]]) -> float:
-    """Share of token slots that are padding when `batches` are right-padded to their longest sample."""
+def padding_share(lengths: list[int], batches: list[list[int]], budget: int = 0) -> float:
+    """Share of token slots that are padding when `batches` are right-padded to their longest sample,
+    after each is cut into micro-batches of `budget` tokens (0: uncut) the way training cuts them."""
     pad = real = 0
     for batch in batches:
-        sizes = [lengths[i] for i in batch]
-        pad += max(sizes) * len(sizes) - sum(sizes)
-        real += sum(sizes)
+        for piece in cut_longest_first([lengths[i] for i in batch], budget, size=lambda n: n):
+            pad += max(piece) * len(piece) - sum(piece)
+            real += sum(piece)
     return pad / max(pad + real, 1)
 
 
@@ -59,16 +62,17 @@ class BatchPlan:
     """Which examples form each optimizer step; an epoch's order is computed once, not per step."""
 
     def __init__(self, examples: list[Example], batch_size: int, accumulation: int, seed: int,
-                 group_by_length: bool | None = False, balance: bool = False, epoch_examples=None):
+                 group_by_length: bool | None = False, balance: bool = False, epoch_examples=None,
+                 micro_tokens: int = 0):
         self.examples, self.batch_size, self.accumulation = examples, batch_size, accumulation
         self.seed = seed
         self.labels = (examples.labels() if hasattr(examples, "labels") else [e.label for e in examples]) \
             if balance else None
         self.epoch_examples = epoch_examples  # epoch -> examples (augmented), same count and order
         self.lengths = example_lengths(examples)
-        if group_by_length is None:  # auto: group only when shuffled batches would be mostly padding
+        if group_by_length is None:  # auto: group only when shuffled micro-batches would be mostly padding
             shuffled = epoch_order(self.lengths, batch_size, seed, 0, False, self.labels)
-            group_by_length = padding_share(self.lengths, shuffled) >= AUTO_GROUP_PADDING
+            group_by_length = padding_share(self.lengths, shuffled, micro_tokens) >= AUTO_GROUP_PADDING
         self.group_by_length = group_by_length
         self.per_epoch = steps_per_epoch(len(examples), batch_size, accumulation)
         self._epoch, self._batches, self._current = None, [], examples
@@ -102,8 +106,8 @@ def padded_width(longest: int, multiple: int = PAD_MULTIPLE) -> int:
     return -(-longest // multiple) * multiple
 
 
-# On CPU, bigger matmuls are hardly faster: 512 tokens vs 1,024 cost 2 % of step time on a 20M Qwen2
-# and 9 % on the 20M DeepSeek-V3 (smaller expert groups), measured side by side, and halve activations.
+# On CPU, bigger matmuls are hardly faster: 512 tokens vs 1,024 cost 2-10 % of step time on a 20M Qwen2
+# and 9-12 % on the 20M DeepSeek-V3 (smaller expert groups; bench/micro_batch.py), and halve activations.
 CPU_MICRO_BATCH_TOKENS = 512
 
 
@@ -120,14 +124,19 @@ def split_by_tokens(batch: list[Example], budget: int, multiple: int = PAD_MULTI
 
     Sorting first also cuts padding: each sub-batch is padded only to its own longest row.
     """
+    return cut_longest_first(batch, budget, size=lambda e: len(e.input_ids), multiple=multiple)
+
+
+def cut_longest_first(items: list, budget: int, size, multiple: int = PAD_MULTIPLE) -> list[list]:
+    """split_by_tokens for any items with a `size` (token count); budget <= 0 keeps them whole."""
     if budget <= 0:
-        return [batch]
+        return [items]
     parts, current = [], []
-    for example in sorted(batch, key=lambda e: len(e.input_ids), reverse=True):
-        if current and (len(current) + 1) * padded_width(len(current[0].input_ids), multiple) > budget:
+    for item in sorted(items, key=size, reverse=True):
+        if current and (len(current) + 1) * padded_width(size(current[0]), multiple) > budget:
             parts.append(current)
             current = []
-        current.append(example)
+        current.append(item)
     return parts + [current] if current else parts
 
 

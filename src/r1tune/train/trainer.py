@@ -100,15 +100,16 @@ class Trainer:
         self.device = pick_device()
         self.model.to(self.device)
         self.optimizer = build_optimizer(model, cfg)
+        self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type)
         self.plan = batching.BatchPlan(train, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
-                                       cfg.seed, cfg.group_by_length, cfg.balance_classes, epoch_examples)
+                                       cfg.seed, cfg.group_by_length, cfg.balance_classes, epoch_examples,
+                                       self.micro_tokens)
         self.total = total_steps(cfg, len(train))
         self.warmup = schedule.warmup_steps(self.total, cfg.warmup_steps, cfg.warmup_ratio)
         self.state = TrainerState()
         self.bf16 = use_bf16(cfg.bf16, cfg.fp16, self.device)
         self.autocast = lambda: autocast_context(self.device, self.bf16, cfg.fp16)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
-        self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type)
         longest = max(self.plan.lengths, default=0)
         rows = cfg.per_device_train_batch_size
         if self.micro_tokens:  # the largest micro-batch after cutting
