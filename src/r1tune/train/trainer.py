@@ -173,7 +173,7 @@ class Trainer:
             total_loss += loss.item()
             tokens += int(batch["num_tokens"])
         grad_norm = self._apply_update(step)
-        del batches, batch
+        batches = batch = None  # let the step's tensors go before trimming
         if self.device.type == "cpu":
             release_free_memory()
         return total_loss, tokens, grad_norm
