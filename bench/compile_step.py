@@ -3,8 +3,8 @@
     python bench/compile_step.py                 # qwen2 ~20M, LoRA r=16, bf16 autocast, chunked loss
     python bench/compile_step.py --fp32
 
-Both variants train the same micro-batch shapes r1tune's defaults produce (widths padded to
-multiples of 64, about 1,024 tokens per micro-batch): one warm-up pass over the shapes (for
+Both variants train micro-batch shapes like r1tune's (widths padded to multiples of 64, about
+1,024 tokens per micro-batch: the CPU default when the README's figure was measured; it is 512 now): one warm-up pass over the shapes (for
 the compiled model this is where it compiles; reported separately), then three timed passes.
 Reported: compile/warm-up seconds, steady tokens/s, and the ratio; the losses of the last pass
 are compared so a faster but wrong graph would show.

@@ -4,8 +4,8 @@
     python bench/micro_batch.py --models qwen2-20M
 
 One process per model trains LoRA r16 (all linear layers, bf16 autocast, chunked loss) on
-batches of 8 rows at widths 128, 256, 512 and 1,024, each cut into micro-batches the way
-r1tune cuts them (rows per piece = budget // width, one at least). The variants alternate
+batches of 8 rows at widths 128, 256, 512 and 1,024, each cut into micro-batches by
+r1tune's own rule (batching.cut_longest_first). The variants alternate
 round by round after a warm-up, so drift on this shared 2-core machine hits them alike;
 the ratio of their summed times is what to read, not the seconds. Memory is measured by
 bench/train_throughput.py on a whole run (peak RSS depends on the run's mix of shapes).
@@ -26,8 +26,10 @@ WIDTHS, ROWS = (128, 256, 512, 1024), 8
 
 
 def pieces(budget: int, width: int) -> list[tuple[int, int]]:
-    per = max(1, budget // width)
-    return [(min(per, ROWS - start), width) for start in range(0, ROWS, per)]
+    """(rows, width) of each micro-batch when training cuts a batch of ROWS rows of `width` tokens."""
+    from r1tune.train.batching import cut_longest_first
+
+    return [(len(part), width) for part in cut_longest_first([width] * ROWS, budget, size=lambda n: n)]
 
 
 def build(arch: str, hidden: int, layers: int, work: Path):

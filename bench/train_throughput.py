@@ -7,7 +7,8 @@
     python bench/train_throughput.py --records 2000 --models qwen2-20M   # the size (about an hour)
 
 Every run trains one epoch over the same synthetic skewed-length alpaca records with LoRA
-r=16, alpha=32 on all linear projections, batch 8, cutoff 1,024, learning rate 1e-4, seed 0,
+r=16, alpha=32 on r1tune's `lora_target: all` (TRL gets the same exact modules and fused expert
+parameters; LLaMA-Factory `lora_target: all`), batch 8, cutoff 1,024, learning rate 1e-4, seed 0,
 each tool with its own defaults otherwise (r1tune: `r1tune train`; TRL 1.16: `SFTTrainer` with
 `SFTConfig` defaults, and `padding_free=True` as its best setting here; LLaMA-Factory 0.9.5:
 `llamafactory-cli train` with template `deepseekr1`, skipped with its error if it fails). TRL runs in the

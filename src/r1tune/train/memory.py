@@ -62,8 +62,8 @@ def release_free_memory() -> bool:
 
     glibc keeps freed memory for reuse, so on CPU every micro-batch shape seen leaves its
     high-water mark in RSS and the peak creeps up through a run. Trimming after each
-    optimizer step (20M Qwen2 on bench/train_throughput.py's 400 records: 1.17 -> 1.01 GB peak) costs
-    0-4 % of step time on a 20M Qwen2 and ~10 % on the 20M DeepSeek-V3 (re-faulting the pages;
+    optimizer step (with 512-token micro-batches: 1.24 -> 1.08 GB peak on the 20M Qwen2 in
+    bench/train_throughput.py) costs 0-4 % of step time on a 20M Qwen2 and ~10 % on the 20M DeepSeek-V3 (re-faulting the pages;
     bench/micro_batch.py).
     """
     trim = _malloc_trim()
