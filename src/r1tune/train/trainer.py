@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from r1tune.data.encode import Example
 from r1tune.errors import UserError
+from r1tune.models.attention import mask_format
 from r1tune.train import batching, checkpoint, schedule
 from r1tune.train.checkpoint import TrainerState
 from r1tune.train.chunked_loss import chunked_loss_sum, plain_head
@@ -95,7 +96,7 @@ class Trainer:
                  epoch_examples=None):
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.pad_id, self.output_dir = pad_id, output_dir
-        self.attn = getattr(model.config, "_attn_implementation", None) or "eager"
+        self.attn = mask_format(getattr(model.config, "_attn_implementation", None))
         self.split = choose_loss_path(model, cfg.chunked_loss)
         self.device = pick_device()
         self.model.to(self.device)
