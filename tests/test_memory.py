@@ -1,5 +1,5 @@
 """Gradient checkpointing turns itself on only when the activation estimate exceeds the budget;
-freed heap memory goes back to the OS."""
+freed heap memory goes back to the OS; oneDNN's primitive cache is capped."""
 
 import sys
 from types import SimpleNamespace
@@ -49,3 +49,51 @@ def test_release_free_memory_gives_heap_pages_back():
     assert release_free_memory()
     assert before - proc.memory_info().rss > 100 * 2**20
     assert keep.sum().item() == 16384
+
+
+RETAINED = """
+import ctypes, os, sys, psutil, torch
+from r1tune.train.memory import limit_onednn_cache
+limit_onednn_cache()  # after importing torch, before the first bf16 matmul, as the CLI does
+layer = torch.nn.Linear(448, 1232)
+for rows in range(256, 1024, 8):  # 96 matmul shapes, as varying sequence widths give
+    x = torch.randn(rows, 448, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+print(psutil.Process().memory_info().rss)
+"""
+
+
+def _retained_rss(env: dict) -> int:
+    import os
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", RETAINED], env={**os.environ, **env}, capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures glibc RSS")
+def test_capped_onednn_cache_keeps_less_memory_after_many_shapes(monkeypatch):
+    from r1tune.train.memory import ONEDNN_CACHE_ENV
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    capped = _retained_rss({})
+    default = _retained_rss({ONEDNN_CACHE_ENV: "1024"})  # a value the user set wins: oneDNN's default
+    assert default - capped > 40 * 2**20
+
+
+def test_onednn_cache_setting_of_the_user_wins(monkeypatch):
+    import os
+
+    from r1tune.cli import main
+    from r1tune.train.memory import ONEDNN_CACHE_ENV, ONEDNN_CACHE_SIZE
+
+    monkeypatch.delenv(ONEDNN_CACHE_ENV, raising=False)
+    assert main(["env"]) == 0
+    assert os.environ[ONEDNN_CACHE_ENV] == str(ONEDNN_CACHE_SIZE)
+    monkeypatch.setenv(ONEDNN_CACHE_ENV, "512")
+    assert main(["env"]) == 0
+    assert os.environ[ONEDNN_CACHE_ENV] == "512"

@@ -187,6 +187,9 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from r1tune.train.memory import limit_onednn_cache
+
+    limit_onednn_cache()  # before any bf16 matmul
     try:
         return args.func(args)
     except UserError as exc:
