@@ -3,7 +3,8 @@
 LoRA targets are resolved here to exact module names, so what gets an adapter is
 explicit and testable. On DeepSeek-V3 in transformers 5 the routed experts are fused
 3-D parameters (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), adapted through
-PEFT's `target_parameters`; the router (`mlp.gate`) is never adapted.
+PEFT's `target_parameters` and run in low rank (expert_lora.py); the router (`mlp.gate`) is
+never adapted.
 
 PEFT >= 0.18 rewrites any target ending in gate_proj/up_proj/down_proj to the fused
 experts for DeepSeek/Qwen-MoE models, which silently drops the shared experts and the
@@ -20,9 +21,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from r1tune.errors import UserError
+from r1tune.models.expert_lora import EXPERT_PARAMS, use_lowrank_experts
 from r1tune.models.vocab import lora_token_training
-
-EXPERT_PARAMS = ("gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -97,14 +97,18 @@ def attach_lora(model: nn.Module, rank: int, alpha: int, dropout: float, targets
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=pattern,
                         target_parameters=targets.parameters or None, task_type="CAUSAL_LM", **(extra or {}))
     with exact_lora_targets():
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    use_lowrank_experts(model)
+    return model
 
 
 def load_lora(model: nn.Module, adapter_dir: str, trainable: bool = False):
     from peft import PeftModel
 
     with exact_lora_targets():
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    use_lowrank_experts(model)
+    return model
 
 
 def freeze_all_but_top_layers(model: nn.Module, n_layers: int) -> None:
