@@ -96,3 +96,31 @@ def test_forced_on_for_an_unsupported_head_is_one_sentence(tiny_qwen):
     assert choose_loss_path(model, None) is None
     with pytest.raises(UserError, match="'chunked_loss' is true, but Qwen2ForCausalLM's logits are not a plain"):
         choose_loss_path(model, True)
+
+
+def test_head_matmuls_see_row_counts_rounded_to_a_multiple():
+    """Any number of labelled positions reaches the head's matmuls as a multiple of ROW_MULTIPLE rows
+    (oneDNN keeps state per matmul shape), with the same loss and gradients as unpadded."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from r1tune.train.chunked_loss import ROW_MULTIPLE, chunked_loss_sum, rows_per_chunk
+    from r1tune.train.losses import causal_lm_loss_sum
+
+    assert rows_per_chunk(129_280) == 256 and rows_per_chunk(2_000) % ROW_MULTIPLE == 0
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 50, 32, generator=gen, requires_grad=True)
+    weight = torch.randn(300, 32, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 300, (2, 50), generator=gen)
+    labels[0, :17] = -100  # 81 labelled positions predicted: not a multiple of 64
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss = chunked_loss_sum(hidden, weight, labels, chunk_rows=64)
+        loss.backward()
+    rows = [shapes[0][0] for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::mm", "aten::matmul") and (shapes := e.input_shapes) and len(shapes[0]) == 2
+            and shapes[1] and shapes[1][-1] in (32, 300) and shapes[0][1] in (32, 300)]
+    assert rows and all(r % ROW_MULTIPLE == 0 for r in rows), rows
+    got = (loss.item(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    causal_lm_loss_sum(hidden @ weight.T, labels).backward()
+    assert abs(got[0] - causal_lm_loss_sum(hidden @ weight.T, labels).item()) <= 1e-3
+    assert (got[1] - hidden.grad).abs().max() <= 1e-5 and (got[2] - weight.grad).abs().max() <= 1e-5

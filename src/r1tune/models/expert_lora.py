@@ -66,8 +66,12 @@ def active_factors(chain: list[nn.Module]) -> dict | None:
 
 
 def _grouped(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x (S, k) @ weight (E, k, n) per group of rows -> (S, n), in the weight's dtype."""
-    return torch.nn.functional.grouped_mm(x.to(weight.dtype), weight, offs=offsets)
+    """x (S, k) @ weight (E, k, n) per group of rows -> (S, n), in the weight's dtype.
+
+    transformers' dispatcher: torch's grouped_mm where it runs for this device and dtype, else its fallback."""
+    from transformers.integrations.moe import _grouped_mm
+
+    return _grouped_mm(x, weight, offs=offsets)
 
 
 def _lora_linear(x, weight, factors, offsets):
@@ -97,7 +101,7 @@ def lowrank_experts_forward(experts, factors, hidden_states, top_k_index, top_k_
     return out.to(hidden_states.dtype)
 
 
-def _lowrank_forward(outer: nn.Module, chain: list[nn.Module], peft_forward):
+def _lowrank_forward(chain: list[nn.Module], peft_forward):
     experts = chain[-1].base_layer
 
     def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
@@ -111,12 +115,14 @@ def _lowrank_forward(outer: nn.Module, chain: list[nn.Module], peft_forward):
 
 def use_lowrank_experts(model: nn.Module) -> int:
     """Give every supported PEFT-wrapped expert module the low-rank forward; returns how many."""
-    if not hasattr(torch.nn.functional, "grouped_mm"):
-        return 0  # torch < 2.10: PEFT's path stays
+    try:
+        from transformers.integrations.moe import _grouped_mm  # noqa: F401
+    except ImportError:  # another transformers: PEFT's path stays
+        return 0
     count = 0
     for chain in expert_wrapper_chains(model):
         outer, experts = chain[0], chain[-1].base_layer
         if supported(experts, chain):
-            outer.forward = _lowrank_forward(outer, chain, outer.forward)
+            outer.forward = _lowrank_forward(chain, outer.forward)
             count += 1
     return count
