@@ -61,6 +61,7 @@ def step(model, x, index, weights):
     backward = time.perf_counter() - start
     kept = {s.data_ptr(): s.nbytes() for s in saved if s.data_ptr() not in params}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["input"], x.grad = x.grad.clone(), None
     return out.detach(), grads, sum(kept.values()), backward
 
 
@@ -68,6 +69,7 @@ def timed(model, inputs) -> float:
     start = time.perf_counter()
     model.zero_grad()
     model(*inputs).square().sum().backward()
+    inputs[0].grad = None
     return time.perf_counter() - start
 
 
@@ -79,7 +81,7 @@ def main() -> None:
     for label, experts, top_k, hidden, inner in SIZES:
         model = build(experts, hidden, inner)
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(TOKENS, hidden, generator=gen)
+        x = torch.randn(TOKENS, hidden, generator=gen).requires_grad_()  # as inside a model with LoRA below
         weights, index = torch.randn(TOKENS, experts, generator=gen).softmax(-1).topk(top_k)
         outer = expert_wrapper_chains(model)[0][0]
         peft_forward = outer.forward
