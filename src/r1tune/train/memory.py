@@ -80,8 +80,8 @@ def limit_onednn_cache(capacity: int = ONEDNN_CACHE_SIZE) -> None:
     """Cap oneDNN's primitive cache (bf16 matmuls on CPU) unless the user has set it.
 
     Each cached primitive keeps memory (about 1 MB for one 448x1232 bf16 linear layer's
-    shapes), and training on CPU meets a new matmul shape with nearly every sequence width
-    and every MoE expert group size, so with the default 1,024 entries RSS only grows:
+    shapes), and training on CPU meets new bf16 matmul shapes with new sequence widths and
+    micro-batch row counts, so with the default 1,024 entries RSS only grows:
     20M DeepSeek-V3 bench run 1.35 GB peak at 1,024 entries, 1.06 GB at 32, with no loss of
     speed (bench/onednn_cache.py). oneDNN reads the variable when it creates its first
     primitive, so this must run before the first bf16 matmul.
