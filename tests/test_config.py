@@ -23,7 +23,7 @@ def test_out_of_range_value():
 
 
 def test_choice_lists_allowed_values():
-    with pytest.raises(UserError, match=r"'finetuning_type'.*'lora', 'full' or 'freeze'"):
+    with pytest.raises(UserError, match=r"'finetuning_type'.*'lora', 'full', 'freeze', .* or 'bottleneck'"):
         validate_config({**BASE, "finetuning_type": "lorra"}, source="run.yaml")
 
 

@@ -52,13 +52,58 @@ class RunConfig(BaseModel):
     # --- method ----------------------------------------------------------------
     stage: Literal["sft", "pt"] = Field("sft", description="'sft': supervised fine-tuning on conversations (and text+label classification records); 'pt': continued pretraining on plain text, every token trained.")
     do_train: bool = Field(True, description="Train; false only reads, checks and reports the data (LLaMA-Factory compatibility).")
-    finetuning_type: Literal["lora", "full", "freeze"] = Field("lora", description="lora: PEFT LoRA adapter; full: every weight; freeze: only the top freeze_trainable_layers layers.")
+    finetuning_type: Literal["lora", "full", "freeze", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck"] = Field(
+        "lora", description="lora: PEFT LoRA adapter (with use_dora / use_rslora / pissa_init / QLoRA); full: every weight; freeze: only the top freeze_trainable_layers layers (or unfreeze_schedule); adalora: LoRA whose rank is re-allocated during training; prompt_tuning / prefix_tuning / p_tuning: PEFT virtual tokens; bottleneck: Houlsby adapters after attention and MLP (not mergeable). See docs/methods.md.")
     lora_rank: int = Field(8, ge=1, description="LoRA rank r.")
     lora_alpha: Optional[int] = Field(None, ge=1, description="LoRA alpha; empty means 2 x lora_rank.")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     lora_target: str = Field("all", description="'all', 'attention', 'mlp', or comma-separated module names (e.g. q_proj,v_proj).")
-    lora_experts: bool = Field(True, description="On MoE models, also adapt the fused routed-expert weights (mlp.experts.*) when the target covers the MLP.")
+    lora_experts: Optional[bool] = Field(None, description="On MoE models, also adapt the fused routed-expert weights (mlp.experts.*) when the target covers the MLP. Empty: yes, except with use_dora / pissa_init / adalora, which PEFT cannot apply to fused experts (those then stay frozen, with a notice).")
+    use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (magnitude vector + LoRA direction).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the LoRA update by alpha/sqrt(r) instead of alpha/r (stable at high ranks).")
+    pissa_init: bool = Field(False, description="PiSSA: start LoRA from the principal singular vectors of each weight (the base keeps the residual); the saved adapter is converted to a plain LoRA of rank 2r on the original base, so it loads and merges like any LoRA.")
+    pissa_iter: int = Field(16, ge=-1, description="PiSSA: fast SVD iterations; -1 computes the exact SVD.")
+    loraplus_lr_ratio: Optional[float] = Field(None, gt=0, description="LoRA+: learning rate of the LoRA B matrices = learning_rate x this ratio (paper: 16).")
+    loraplus_lr_embedding: float = Field(1e-6, gt=0, description="LoRA+: learning rate of LoRA B matrices on embedding layers.")
+    additional_target: Optional[str] = Field(None, description="Comma-separated modules trained in full next to the adapter and saved with it (e.g. embed_tokens,lm_head or norm).")
+    adapter_name_or_path: Optional[str] = Field(None, description="Existing LoRA adapter folder(s), comma-separated: all but the last are merged into the base; the last is trained further (or merged too when create_new_adapter).")
+    create_new_adapter: bool = Field(False, description="With adapter_name_or_path: merge every given adapter into the base and train a fresh one on top.")
+    quantization_bit: Optional[Literal[4, 8]] = Field(None, description="QLoRA: load the base linear layers in 4 or 8 bits through bitsandbytes (LoRA only). Fused MoE experts are not linear layers and stay unquantized.")
+    quantization_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quantization: bool = Field(True, description="4-bit: quantize the quantization constants too (saves about 0.4 bits per weight).")
+    quantization_method: Literal["bnb", "bitsandbytes"] = Field("bnb", description="Quantization backend; bitsandbytes is the one supported.")
+    adalora_init_r: int = Field(12, ge=1, description="AdaLoRA: rank every module starts with.")
+    adalora_target_r: int = Field(8, ge=1, description="AdaLoRA: average rank per module after pruning (the budget).")
+    adalora_tinit: Optional[int] = Field(None, ge=0, description="AdaLoRA: steps of warmup before ranks are pruned; empty: 10% of the steps.")
+    adalora_tfinal: Optional[int] = Field(None, ge=0, description="AdaLoRA: final steps with the rank allocation fixed; empty: 20% of the steps.")
+    adalora_delta_t: int = Field(1, ge=1, description="AdaLoRA: steps between two budget re-allocations.")
+    adalora_beta1: float = Field(0.85, gt=0, lt=1, description="AdaLoRA: smoothing of the importance scores.")
+    adalora_beta2: float = Field(0.85, gt=0, lt=1, description="AdaLoRA: smoothing of the importance uncertainty.")
+    adalora_orth_reg_weight: float = Field(0.5, ge=0, description="AdaLoRA: weight of the orthogonality penalty on P and Q.")
+    num_virtual_tokens: int = Field(20, ge=1, description="prompt_tuning / prefix_tuning / p_tuning: number of virtual tokens.")
+    prompt_tuning_init: Literal["random", "text", "sample_vocab"] = Field("random", description="prompt_tuning: start the virtual tokens at random, from the embeddings of prompt_tuning_init_text, or from random vocabulary embeddings.")
+    prompt_tuning_init_text: Optional[str] = Field(None, description="prompt_tuning with init 'text': the text whose token embeddings start the virtual tokens (repeated or cut to num_virtual_tokens).")
+    prefix_projection: bool = Field(False, description="prefix_tuning: produce the prefix through a two-layer MLP (reparameterisation) instead of training it directly.")
+    encoder_hidden_size: Optional[int] = Field(None, ge=1, description="prefix_tuning with prefix_projection / p_tuning: hidden size of the prompt encoder; empty: the model's hidden size.")
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = Field("MLP", description="p_tuning: the prompt encoder.")
+    bottleneck_size: int = Field(64, ge=1, description="bottleneck: width of each adapter's down-projection.")
+    bottleneck_where: Literal["both", "attention", "mlp"] = Field("both", description="bottleneck: put adapters after attention, after the MLP, or both, in every layer.")
+    bottleneck_activation: Literal["gelu", "relu", "silu"] = Field("gelu", description="bottleneck: the nonlinearity between the projections.")
     freeze_trainable_layers: int = Field(2, description="For finetuning_type freeze: train the last N decoder layers (negative: the first N).")
+    freeze_trainable_modules: str = Field("all", description="For finetuning_type freeze: 'all', or comma-separated module names inside the trained layers (e.g. mlp,self_attn or q_proj).")
+    freeze_extra_modules: Optional[str] = Field(None, description="For finetuning_type freeze: modules outside the decoder layers to train too (e.g. embed_tokens,norm,lm_head).")
+    unfreeze_schedule: Optional[list[dict]] = Field(None, description="Progressive unfreezing (finetuning_type freeze or lora): a list of {step: N or epoch: E, layers: K or 'all' (the top K layers), modules: 'all' / 'mlp' / 'self_attn' / names}; each entry adds what it names at that point, logged, and the new parameters join the optimizer. See docs/methods.md.")
+    expert_ids: Optional[str] = Field(None, description="MoE: train only these routed experts: '0,3,5' in every MoE layer, or per layer '1:0,3;2:4-7'. Full weights (finetuning_type full) or their LoRA (lora).")
+    expert_domain: Optional[str] = Field(None, description="MoE: train the experts listed for this domain in expert_domain_map.")
+    expert_domain_map: Optional[str] = Field(None, description="MoE: a JSON file mapping domain -> expert ids (a list for every layer, or {layer: ids}).")
+    expert_top_k: Optional[int] = Field(None, ge=1, description="MoE: train the k experts per layer that the training data routes most tokens to (measured by a routing pass before training).")
+    train_router: bool = Field(False, description="MoE expert-selective tuning: also train the router (mlp.gate); frozen by default so the routing that chose the experts stays.")
+    # --- regularisation ----------------------------------------------------------
+    embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the token embeddings (training only).")
+    attention_dropout: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Dropout on the attention probabilities; empty keeps the model config's value.")
+    ffn_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the output of every MLP / MoE block (training only).")
+    label_smoothing_factor: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the token cross-entropy (both loss paths).")
+    neftune_noise_alpha: Optional[float] = Field(None, gt=0, description="NEFTune: add uniform noise of scale alpha/sqrt(tokens x hidden) to the embeddings while training (paper: 5).")
     # --- data ------------------------------------------------------------------
     dataset: str = Field(description="A JSON/JSONL file path, or comma-separated names from dataset_dir/dataset_info.json.")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the files it names.")
@@ -100,7 +145,8 @@ class RunConfig(BaseModel):
     group_by_length: Optional[bool] = Field(None, description="Put samples of similar length in the same batch (less padding, same data each epoch). Empty: on when shuffled batches, after cutting into micro-batches (micro_batch_tokens), would still be >= 30% padding; homogeneous batches slow convergence (20M DeepSeek-V3 in bench/train_throughput.py: held-out loss 4.074 grouped vs 3.750 shuffled).")
     micro_batch_tokens: Optional[int] = Field(None, ge=0, description="Cut each batch into micro-batches of at most this many padded tokens (rows x longest row; one row at least) and accumulate their gradients: the same update with activation memory in proportion to this number. Empty: 512 on CPU (20M Qwen2 in bench/train_throughput.py: 1.08 GB peak at 512 with heap trimming, 1.24 GB at 1,024 without, 2.81 GB uncut; 512 costs 2-10 % of step time vs 1,024, 9-12 % on the 20M DeepSeek-V3 (bench/micro_batch.py)); no cutting on GPU. 0: never cut.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step; the loss is normalised over all target tokens of the step.")
-    learning_rate: float = Field(5e-5, gt=0.0, description="Peak AdamW learning rate.")
+    optim: str = Field("adamw_torch", description="Optimizer: adamw_torch, adamw_torch_fused, lion_32bit (use a 3-10x smaller learning_rate), adamw_8bit / lion_8bit (bitsandbytes), adafactor. LLaMA-Factory / Hugging Face names are accepted.")
+    learning_rate: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
     num_train_epochs: float = Field(3.0, gt=0.0, description="Epochs to train (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Total optimizer steps; -1 derives it from num_train_epochs.")
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear", description="Learning-rate schedule after warmup.")
@@ -150,6 +196,7 @@ class RunConfig(BaseModel):
             raise ValueError("'balance_classes' re-draws samples every epoch and cannot be combined with packing; turn one off")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("'early_stopping_patience' needs 'eval_steps' (how often to evaluate)")
+        check_method_options(self)
         return self
 
     @property
@@ -170,8 +217,96 @@ class RunConfig(BaseModel):
         return self.packing or self.neat_packing
 
     @property
+    def adapt_experts(self) -> bool:
+        """lora_experts, or when empty: yes unless the method has no fused-expert form in PEFT."""
+        if self.lora_experts is not None:
+            return self.lora_experts
+        return not (self.use_dora or self.pissa_init or self.finetuning_type == "adalora")
+
+    @property
     def effective_lora_alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+# Keys that only mean something for some fine-tuning types: setting one for another type is an error.
+METHOD_KEYS = {
+    ("lora",): ["use_dora", "use_rslora", "pissa_init", "pissa_iter", "adapter_name_or_path", "create_new_adapter"],
+    ("lora", "adalora"): ["lora_target", "lora_experts", "lora_dropout", "loraplus_lr_ratio", "loraplus_lr_embedding",
+                          "additional_target", "quantization_bit", "quantization_type", "double_quantization"],
+    ("adalora",): ["adalora_init_r", "adalora_target_r", "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
+                   "adalora_beta1", "adalora_beta2", "adalora_orth_reg_weight"],
+    ("prompt_tuning", "prefix_tuning", "p_tuning"): ["num_virtual_tokens"],
+    ("prompt_tuning",): ["prompt_tuning_init", "prompt_tuning_init_text"],
+    ("prefix_tuning",): ["prefix_projection"],
+    ("prefix_tuning", "p_tuning"): ["encoder_hidden_size"],
+    ("p_tuning",): ["encoder_reparameterization_type"],
+    ("bottleneck",): ["bottleneck_size", "bottleneck_where", "bottleneck_activation"],
+    ("freeze",): ["freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules"],
+    ("freeze", "lora"): ["unfreeze_schedule"],
+    ("full", "lora"): ["expert_ids", "expert_domain", "expert_domain_map", "expert_top_k", "train_router"],
+}
+
+
+# Of those, the keys that change what is loaded or trained: for another type they are errors, not notices.
+WHAT_TRAINS_KEYS = {"quantization_bit", "adapter_name_or_path", "create_new_adapter", "unfreeze_schedule",
+                    "expert_ids", "expert_domain", "expert_top_k", "train_router", "additional_target",
+                    "use_dora", "pissa_init"}
+
+
+def check_method_options(cfg: RunConfig) -> None:
+    """Options of one fine-tuning method set for another, or options that contradict each other.
+
+    A hyperparameter of another method (lora_rank with full, say) only gets a notice, so a
+    LLaMA-Factory YAML whose finetuning_type was switched still runs."""
+    given = cfg.model_fields_set
+    for types, keys in METHOD_KEYS.items():
+        for key in keys:
+            if key in given and cfg.finetuning_type not in types and getattr(cfg, key) not in (None, False):
+                what = f"'{key}' applies to finetuning_type {' / '.join(types)}, not '{cfg.finetuning_type}'"
+                if key in WHAT_TRAINS_KEYS:
+                    raise ValueError(f"{what}; remove '{key}' or change finetuning_type")
+                print(f"note: {cfg.source}: {what}; it has no effect", file=sys.stderr)
+    if cfg.pissa_init and cfg.quantization_bit:
+        raise ValueError("'pissa_init' rewrites the base weights and cannot be used with a quantized base "
+                         "(quantization_bit); remove one of them")
+    if cfg.lora_experts and (cfg.use_dora or cfg.pissa_init or cfg.finetuning_type == "adalora"):
+        raise ValueError("PEFT has no DoRA, PiSSA or AdaLoRA for fused MoE experts; set lora_experts: false "
+                         "(or leave it empty) to apply the method to every other linear layer")
+    if (cfg.add_tokens or cfg.add_tokens_file) and cfg.finetuning_type not in ("lora", "full", "freeze"):
+        raise ValueError(f"added tokens (add_tokens / add_tokens_file) are trained and saved with finetuning_type "
+                         f"lora, full or freeze, not '{cfg.finetuning_type}'; remove them or change the method")
+    if cfg.use_packing and cfg.finetuning_type in ("prompt_tuning", "prefix_tuning", "p_tuning"):
+        raise ValueError(f"{cfg.finetuning_type} puts its virtual tokens before each row, so a packed row's later "
+                         "samples would not see them; turn packing off")
+    if cfg.create_new_adapter and not cfg.adapter_name_or_path:
+        raise ValueError("'create_new_adapter' needs 'adapter_name_or_path' (the adapters to merge first)")
+    if cfg.prompt_tuning_init == "text" and not cfg.prompt_tuning_init_text:
+        raise ValueError("prompt_tuning_init 'text' needs 'prompt_tuning_init_text'")
+    if cfg.adalora_target_r > cfg.adalora_init_r:
+        raise ValueError(f"'adalora_target_r' ({cfg.adalora_target_r}) must not exceed 'adalora_init_r' ({cfg.adalora_init_r})")
+    _check_expert_options(cfg)
+    if cfg.unfreeze_schedule is not None:
+        if "freeze_trainable_layers" in given:
+            raise ValueError("give either 'freeze_trainable_layers' or 'unfreeze_schedule', not both")
+        from r1tune.models.unfreeze import parse_schedule
+
+        parse_schedule(cfg.unfreeze_schedule)  # raises ValueError naming the entry
+    from r1tune.train.optimizers import OPTIMIZERS
+
+    if cfg.optim not in OPTIMIZERS:
+        raise ValueError(f"'optim' is '{cfg.optim}'; choose one of {', '.join(sorted(OPTIMIZERS))}"
+                         f"{did_you_mean(cfg.optim, OPTIMIZERS)}")
+
+
+def _check_expert_options(cfg: RunConfig) -> None:
+    ways = [k for k in ("expert_ids", "expert_domain", "expert_top_k") if getattr(cfg, k) is not None]
+    if len(ways) > 1:
+        raise ValueError(f"choose experts one way: {' and '.join(ways)} are both set")
+    if cfg.expert_domain and not cfg.expert_domain_map:
+        raise ValueError("'expert_domain' needs 'expert_domain_map' (a JSON file of domain -> expert ids)")
+    if cfg.train_router and not ways:
+        raise ValueError("'train_router' belongs to expert-selective tuning; also set expert_ids, expert_domain "
+                         "or expert_top_k")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

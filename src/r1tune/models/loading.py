@@ -58,18 +58,26 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, is_model_dir: boo
 
 
 def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, quantization=None):
+    """A causal LM; `quantization` is a transformers BitsAndBytesConfig (QLoRA) or None."""
     from transformers import AutoModelForCausalLM
+
+    from r1tune.models.quantize import flatten_int8_inputs, keep_4bit_layout
 
     check_model_source(name)
     kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the model '{name}' ({_first_line(exc)}); check model_name_or_path") from None
     use_fused_cpu_attention(model)  # MLA: same numbers, a fraction of the attention memory on CPU
+    if quantization is not None:
+        flatten_int8_inputs(model)
+        keep_4bit_layout(model)
     return model
 
 

@@ -1,4 +1,5 @@
-"""Attach a fine-tuning method to a loaded model: LoRA (PEFT), full, or freeze.
+"""Attach a fine-tuning method to a loaded model: LoRA and its variants, AdaLoRA, virtual tokens,
+bottleneck adapters, full, or freeze.
 
 LoRA targets are resolved here to exact module names, so what gets an adapter is
 explicit and testable. On DeepSeek-V3 in transformers 5 the routed experts are fused
@@ -16,12 +17,17 @@ from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import nn
 
 from r1tune.errors import UserError
+from r1tune.models.adalora import adalora_config
 from r1tune.models.expert_lora import EXPERT_PARAMS, use_lowrank_experts
+from r1tune.models.prompt_methods import PROMPT_TYPES, attach_prompt_method
+from r1tune.models.unfreeze import freeze_layers, layer_indices
 from r1tune.models.vocab import lora_token_training
 
 
@@ -111,41 +117,124 @@ def load_lora(model: nn.Module, adapter_dir: str, trainable: bool = False):
     return model
 
 
-def freeze_all_but_top_layers(model: nn.Module, n_layers: int) -> None:
-    """Train only the last n decoder layers (the first |n| when n is negative)."""
-    indices = sorted({int(m.group(1)) for name, _ in model.named_parameters()
-                      if (m := re.search(r"\.layers\.(\d+)\.", name))})
-    if not indices or n_layers == 0 or abs(n_layers) > len(indices):
-        raise UserError(
-            f"config key 'freeze_trainable_layers' is {n_layers}; the model has {len(indices)} layers, "
-            f"so use a value from 1 to {len(indices)} (or -1 to -{len(indices)} for the first layers)")
-    chosen = set(indices[-n_layers:] if n_layers > 0 else indices[:-n_layers])
-    for name, param in model.named_parameters():
-        m = re.search(r"\.layers\.(\d+)\.", name)
-        param.requires_grad = bool(m and int(m.group(1)) in chosen)
+def lora_variant_options(cfg) -> dict:
+    """LoraConfig kwargs for DoRA / rsLoRA / PiSSA initialisation."""
+    extra = {"use_dora": cfg.use_dora, "use_rslora": cfg.use_rslora}
+    if cfg.pissa_init:
+        extra["init_lora_weights"] = "pissa" if cfg.pissa_iter == -1 else f"pissa_niter_{cfg.pissa_iter}"
+    return extra
 
 
-def attach_method(model: nn.Module, cfg, new_token_ids: list[int] = ()):
-    """Return the model ready to train under cfg.finetuning_type (new token rows trainable too)."""
-    if cfg.finetuning_type == "lora":
-        for param in model.parameters():
-            param.requires_grad = False
-        targets = resolve_lora_targets(model, cfg.lora_target, cfg.lora_experts)
-        if targets.parameters and cfg.lora_dropout > 0:
-            raise UserError("config key 'lora_dropout' must be 0 when LoRA adapts the fused MoE experts "
-                            "(PEFT cannot apply dropout there); set lora_dropout: 0 or lora_experts: false")
-        extra = lora_token_training(list(new_token_ids), model)
-        return attach_lora(model, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout, targets, extra)
-    if cfg.finetuning_type == "freeze":
-        freeze_all_but_top_layers(model, cfg.freeze_trainable_layers)
-        if new_token_ids:  # new rows start from a mean: the embeddings must train for them to mean anything
-            for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
-                if layer is not None:
-                    layer.weight.requires_grad = True
-        return model
+def additional_modules(model: nn.Module, spec: str | None) -> list[str]:
+    """additional_target names checked against the model: modules trained in full and saved with the adapter."""
+    words = [w.strip() for w in (spec or "").split(",") if w.strip()]
+    names = [n for n, _ in model.named_modules()]
+    for word in words:
+        if not any(n == word or n.endswith("." + word) for n in names):
+            raise UserError(f"config key 'additional_target': the model has no module named '{word}'; "
+                            "use e.g. embed_tokens, lm_head or norm")
+    return words
+
+
+def attach_lora_method(model: nn.Module, cfg, new_token_ids=()):
+    """LoRA per cfg: variants, additional targets, continuing or stacking on existing adapters."""
     for param in model.parameters():
-        param.requires_grad = True
+        param.requires_grad = False
+    model, resumed = apply_existing_adapters(model, cfg)
+    if resumed:
+        return model
+    targets = resolve_lora_targets(model, cfg.lora_target, cfg.adapt_experts)
+    if targets.parameters and cfg.lora_dropout > 0:
+        raise UserError("config key 'lora_dropout' must be 0 when LoRA adapts the fused MoE experts "
+                        "(PEFT cannot apply dropout there); set lora_dropout: 0 or lora_experts: false")
+    extra = {**lora_token_training(list(new_token_ids), model), **lora_variant_options(cfg)}
+    saved = additional_modules(model, cfg.additional_target)
+    if cfg.train_router:  # the router is no LoRA target: train (and save) a full copy of it
+        saved.append("gate")
+    if saved:
+        extra["modules_to_save"] = saved
+        trained_rows = extra.get("trainable_token_indices", {})
+        for name in list(trained_rows):  # a module trained in full needs no trained rows
+            if any(name == w or name.endswith("." + w) for w in saved):
+                trained_rows.pop(name)
+    model = attach_lora(model, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout, targets, extra)
+    if cfg.pissa_init:
+        remember_pissa_start(model)
     return model
+
+
+def apply_existing_adapters(model: nn.Module, cfg):
+    """adapter_name_or_path: merge all but the last adapter (all with create_new_adapter) into the base;
+    the last one otherwise keeps training. Returns (model, True when an adapter is being continued)."""
+    folders = [f.strip() for f in (cfg.adapter_name_or_path or "").split(",") if f.strip()]
+    for folder in folders:
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise UserError(f"config key 'adapter_name_or_path': '{folder}' is not a LoRA adapter folder "
+                            "(no adapter_config.json); give the folder a LoRA run saved to")
+    merge = folders if cfg.create_new_adapter else folders[:-1]
+    if merge and cfg.quantization_bit:
+        raise UserError("config key 'adapter_name_or_path': adapters cannot be merged into a quantized base "
+                        "(quantization_bit); give one adapter to continue, or merge them in full precision first")
+    for folder in merge:
+        model = load_lora(model, folder).merge_and_unload()
+    if len(merge) == len(folders):
+        return model, False
+    model = load_lora(model, folders[-1], trainable=True)
+    return model, True
+
+
+def remember_pissa_start(model) -> None:
+    """Save PiSSA's starting adapter so the final one can be converted to plain LoRA on the original base."""
+    start = Path(tempfile.mkdtemp(prefix="r1tune-pissa-"))
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # saved as a plain LoRA start
+    with exact_lora_targets():
+        model.save_pretrained(start)
+    config.init_lora_weights = init
+    model._r1tune_pissa_start = start
+
+
+def attach_method(model: nn.Module, cfg, new_token_ids: list[int] = (), total_steps: int | None = None,
+                  model_path: str | None = None):
+    """Return the model ready to train under cfg.finetuning_type (new token rows trainable too)."""
+    kind = cfg.finetuning_type
+    if kind == "lora":
+        model = attach_lora_method(model, cfg, new_token_ids)
+    elif kind == "adalora":
+        model = _attach_adalora(model, cfg, total_steps)
+    elif kind in PROMPT_TYPES:
+        model = attach_prompt_method(model, cfg, model_path or model.config._name_or_path)
+    elif kind == "bottleneck":
+        from r1tune.models.bottleneck import BottleneckConfig, attach_bottleneck
+
+        model = attach_bottleneck(model, BottleneckConfig(cfg.bottleneck_size, cfg.bottleneck_where,
+                                                          cfg.bottleneck_activation))
+    elif kind == "freeze":
+        if cfg.unfreeze_schedule is None:
+            freeze_layers(model, cfg.freeze_trainable_layers, cfg.freeze_trainable_modules, cfg.freeze_extra_modules)
+        else:  # every decoder-layer weight is a candidate; the schedule decides when each trains
+            freeze_layers(model, len(layer_indices(model)), cfg.freeze_trainable_modules, cfg.freeze_extra_modules)
+    else:
+        for param in model.parameters():
+            param.requires_grad = True
+    if new_token_ids and kind not in ("lora", "full"):  # new rows start from a mean: they must train
+        for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if layer is not None:
+                layer.weight.requires_grad = True
+    return model
+
+
+def _attach_adalora(model: nn.Module, cfg, total_steps: int | None):
+    from peft import get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad = False
+    targets = resolve_lora_targets(model, cfg.lora_target, include_experts=False)
+    config = adalora_config(cfg, targets, total_steps or 1)
+    if saved := additional_modules(model, cfg.additional_target):
+        config.modules_to_save = saved
+    with exact_lora_targets():
+        return get_peft_model(model, config)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

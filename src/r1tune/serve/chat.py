@@ -2,31 +2,66 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from pathlib import Path
 
+import yaml
+
 from r1tune.data.templates import THINK_CLOSE
 from r1tune.errors import UserError
+from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
+from r1tune.models.bottleneck import load_bottleneck
 from r1tune.models.loading import load_model, load_tokenizer, read_adapter_base
 from r1tune.models.methods import load_lora
+from r1tune.models.quantize import quantization_config
 
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 def load_for_chat(folder: str):
-    """(model, tokenizer) from an r1tune output dir: base + LoRA adapter, or a full model."""
+    """(model, tokenizer) from an r1tune output dir: base + PEFT adapter (LoRA, AdaLoRA, virtual tokens),
+    base + bottleneck adapters, or a full model. A QLoRA adapter gets its base quantized as in training."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"'{folder}' is not a folder; pass an r1tune output_dir or a model folder")
-    base = read_adapter_base(path)
+    bottleneck = read_bottleneck_base(path)
+    base = read_adapter_base(path) or bottleneck
     tokenizer = load_tokenizer(str(path), is_model_dir=base is None)
     if base is None:
         return load_model(str(path)), tokenizer
-    model = load_model(base)
+    model = load_model(base, quantization=training_quantization(path))
+    if bottleneck:
+        return load_bottleneck(model, path), tokenizer
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # domain tokens were added
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter holds the new rows
     return load_lora(model, str(path)), tokenizer
+
+
+def read_bottleneck_base(folder: Path) -> str | None:
+    config = folder / BOTTLENECK_CONFIG
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise UserError(f"{config}: not a valid bottleneck adapter config; re-save the adapter") from None
+
+
+def training_quantization(folder: Path):
+    """The BitsAndBytesConfig the run in `folder` trained over (QLoRA), or None."""
+    saved = folder / "r1tune_config.yaml"
+    if not saved.is_file():
+        return None
+    raw = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    if not raw.get("quantization_bit"):
+        return None
+    import torch
+
+    compute = torch.bfloat16 if raw.get("bf16") else torch.float32
+    return quantization_config(raw["quantization_bit"], raw.get("quantization_type", "nf4"),
+                               raw.get("double_quantization", True), compute)
 
 
 class ReasoningPrinter:

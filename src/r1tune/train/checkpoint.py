@@ -84,6 +84,14 @@ def find_checkpoint(spec: str, output_dir: Path) -> Path | None:
     return path
 
 
+def read_step(path: Path) -> int:
+    """The global step a checkpoint was written at (0 when its state file is unreadable)."""
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
     """Restore a checkpoint into this run; UserError when it was written by a different setup."""
     hint = "resume with the config that wrote it, or start fresh without resume_from_checkpoint"

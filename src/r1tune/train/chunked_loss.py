@@ -24,7 +24,8 @@ PLAIN_HEAD_MODELS = {"llama", "qwen2", "qwen3", "mistral", "deepseek_v3"}
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows: int, grads: tuple[bool, bool], compute_dtype):
+    def forward(ctx, hidden, weight, targets, chunk_rows: int, grads: tuple[bool, bool], compute_dtype,
+                smoothing: float = 0.0):
         want_hidden, want_weight = grads
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
@@ -36,13 +37,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             padded = (h @ w.T).float()  # the only (rows x vocab) buffer; its zero rows stay zero
             logits = padded[:t.numel()]  # everything below is in place on the real rows
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            if smoothing:  # (1-e)·CE + e·mean over the vocabulary of -log p, as torch's label_smoothing
+                target_logit = (1 - smoothing) * target_logit + smoothing * logits.mean(dim=-1)
             top = logits.amax(dim=-1)
             total = logits.sub_(top[:, None]).exp_().sum(dim=-1)
             loss += (top + total.log() - target_logit).sum()
             if not (want_hidden or want_weight):
                 continue
             probs = logits.div_(total[:, None])  # softmax
-            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0  # d loss / d logits
+            if smoothing:
+                probs.sub_(smoothing / probs.size(1))
+            probs[torch.arange(t.numel(), device=t.device), t] -= 1.0 - smoothing  # d loss / d logits
             d = padded.to(compute_dtype)
             if want_hidden:
                 grad_hidden[start:start + chunk_rows] = (d @ w)[:t.numel()].to(hidden.dtype)
@@ -58,7 +63,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         saved = list(ctx.saved_tensors)  # our own buffers: scaled in place, no second copy
         grad_hidden = saved.pop(0).mul_(grad_loss) if ctx.grads[0] else None
         grad_weight = saved.pop(0).mul_(grad_loss).to(ctx.weight_dtype) if ctx.grads[1] else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def _pad_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -78,7 +83,7 @@ def rows_per_chunk(vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
 
 
 def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                     chunk_rows: int | None = None) -> torch.Tensor:
+                     chunk_rows: int | None = None, smoothing: float = 0.0) -> torch.Tensor:
     """Sum of next-token cross-entropy (fp32), same value and gradients as causal_lm_loss_sum(hidden @ weight.T).
 
     hidden: (batch, seq, dim) last hidden states; weight: (vocab, dim) output head; labels: (batch, seq).
@@ -89,7 +94,7 @@ def chunked_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     compute_dtype = _compute_dtype(hidden)
     grads = (rows.requires_grad and torch.is_grad_enabled(), weight.requires_grad and torch.is_grad_enabled())
     chunk_rows = chunk_rows or rows_per_chunk(weight.size(0))
-    loss = _ChunkedCrossEntropy.apply(rows, weight, targets, chunk_rows, grads, compute_dtype)
+    loss = _ChunkedCrossEntropy.apply(rows, weight, targets, chunk_rows, grads, compute_dtype, smoothing)
     return loss
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,8 +19,12 @@ from tqdm import tqdm
 
 from r1tune.data.encode import Example
 from r1tune.errors import UserError
+from r1tune.models.adalora import is_adalora, orthogonal_penalty, update_ranks
 from r1tune.models.attention import mask_format
-from r1tune.train import batching, checkpoint, schedule
+from r1tune.models.prompt_methods import is_prompt_learning
+from r1tune.models.quantize import is_quantized
+from r1tune.models.unfreeze import Unfreezer, parse_schedule
+from r1tune.train import batching, checkpoint, optimizers, schedule
 from r1tune.train.checkpoint import TrainerState
 from r1tune.train.chunked_loss import chunked_loss_sum, plain_head
 from r1tune.train.logs import MetricsLog
@@ -36,6 +40,7 @@ class TrainResult:
     stopped_early: bool
     train_runtime: float = 0.0  # seconds in the training loop (evaluation excluded)
     train_tokens: int = 0  # non-padding tokens trained on
+    model: object = field(default=None, repr=False)  # the trained model, for callers that go on using it
 
 
 def pick_device() -> torch.device:
@@ -75,36 +80,39 @@ def total_steps(cfg, n_examples: int) -> int:
 
 def choose_loss_path(model, chunked: bool | None):
     """(decoder, head) for the chunked loss, or None for the plain one; `chunked` None means when possible."""
-    split = plain_head(model) if chunked is not False else None
+    prompt = is_prompt_learning(model)  # virtual tokens enter through the PEFT wrapper's own forward
+    split = plain_head(model) if chunked is not False and not prompt else None
+    if chunked and prompt:
+        raise UserError("config key 'chunked_loss' is true, but prompt / prefix / P-tuning models compute their "
+                        "logits through PEFT's wrapper; remove the key (or set it false)")
     if chunked and split is None:
         raise UserError(f"config key 'chunked_loss' is true, but {type(model).__name__}'s logits are not a plain "
                         "output projection of the last hidden state; remove the key (or set it false)")
     return split
 
 
-def build_optimizer(model, cfg) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for _name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate)
-
-
 class Trainer:
     def __init__(self, model, cfg, train: list[Example], val: list[Example], pad_id: int, output_dir: Path,
-                 epoch_examples=None):
+                 epoch_examples=None, no_decay_names: frozenset[str] = frozenset()):
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.pad_id, self.output_dir = pad_id, output_dir
         self.attn = mask_format(getattr(model.config, "_attn_implementation", None))
         self.split = choose_loss_path(model, cfg.chunked_loss)
         self.device = pick_device()
-        self.model.to(self.device)
-        self.optimizer = build_optimizer(model, cfg)
+        if not is_quantized(model):  # bitsandbytes places quantized weights itself
+            self.model.to(self.device)
         self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type)
         self.plan = batching.BatchPlan(train, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                                        cfg.seed, cfg.group_by_length, cfg.balance_classes, epoch_examples,
                                        self.micro_tokens)
+        self.no_decay = no_decay_names
+        self.unfreezer = Unfreezer(model, parse_schedule(cfg.unfreeze_schedule), self.plan.per_epoch) \
+            if cfg.unfreeze_schedule else None
+        self.unfrozen: list[tuple] = self.unfreezer.advance(0) if self.unfreezer else []
+        self.optimizer = optimizers.build_optimizer(
+            model.named_parameters(), cfg.optim, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio,
+            cfg.loraplus_lr_embedding, no_decay_names)
+        self.adalora = is_adalora(model)
         self.total = total_steps(cfg, len(train))
         self.warmup = schedule.warmup_steps(self.total, cfg.warmup_steps, cfg.warmup_ratio)
         self.state = TrainerState()
@@ -123,7 +131,21 @@ class Trainer:
     # --- public -----------------------------------------------------------------
     def load_state(self, path: Path) -> None:
         """Weights, optimizer, RNG and step from a checkpoint (writes nothing)."""
+        if self.unfreezer:  # the checkpoint's optimizer has a group for every stage unfrozen by then
+            self._unfreeze(checkpoint.read_step(path), quiet=True)
         self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer)
+
+    def _unfreeze(self, step: int, quiet: bool = False) -> None:
+        """Apply schedule entries due by `step`: their new parameters join the optimizer as new groups."""
+        for entry, new in self.unfreezer.advance(step):
+            for group in optimizers.param_groups(new, self.cfg.weight_decay, self.cfg.loraplus_lr_ratio,
+                                                 self.cfg.loraplus_lr_embedding, self.cfg.learning_rate,
+                                                 self.no_decay):
+                group["lr"] = self.cfg.learning_rate * group["lr_scale"]  # the schedule sets it before the step
+                self.optimizer.add_param_group(group)
+            self.unfrozen.append((entry, new))
+            if not quiet:
+                tqdm.write(f"step {step}: unfroze {entry.describe()} ({sum(p.numel() for _, p in new):,} parameters)")
 
     def fit(self) -> TrainResult:
         log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none", start_step=self.state.global_step)
@@ -134,6 +156,8 @@ class Trainer:
         try:
             while self.state.global_step < self.total and not stopped:
                 started = time.perf_counter()
+                if self.unfreezer:
+                    self._unfreeze(self.state.global_step)
                 loss, tokens, grad_norm = self.train_step(self.state.global_step)
                 busy += time.perf_counter() - started
                 trained_tokens += tokens
@@ -173,6 +197,10 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total_loss += loss.item()
             tokens += int(batch["num_tokens"])
+        if self.adalora:  # once per step, as PEFT adds it once per forward of a whole batch
+            penalty = orthogonal_penalty(self.model)
+            if torch.is_tensor(penalty):
+                penalty.backward()
         grad_norm = self._apply_update(step)
         batches = batch = None  # let the step's tensors go before trimming
         if self.device.type == "cpu":
@@ -199,15 +227,16 @@ class Trainer:
     def _loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss: chunked from the hidden states when the head allows, else from full logits."""
         inputs = {**batching.model_inputs(batch), "use_cache": False}
+        smoothing = self.cfg.label_smoothing_factor if self.model.training else 0.0
         if self.split is not None:
             decoder, head = self.split
-            return chunked_loss_sum(decoder(**inputs).last_hidden_state, head.weight, batch["labels"])
-        return causal_lm_loss_sum(self.model(**inputs).logits, batch["labels"])
+            return chunked_loss_sum(decoder(**inputs).last_hidden_state, head.weight, batch["labels"],
+                                    smoothing=smoothing)
+        return causal_lm_loss_sum(self.model(**inputs).logits, batch["labels"], smoothing)
 
     def _apply_update(self, step: int) -> float:
         lr = self.cfg.learning_rate * schedule.lr_factor(step, self.total, self.warmup, self.cfg.lr_scheduler_type)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        optimizers.set_learning_rate(self.optimizer, lr)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -218,6 +247,8 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.adalora:
+            update_ranks(self.model, step)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

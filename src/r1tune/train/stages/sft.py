@@ -22,16 +22,24 @@ from r1tune.errors import UserError
 from r1tune.evaluation.generate import GenerationScore, exact_match
 from r1tune.fileio import write_text_atomic
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
+from r1tune.models.adalora import is_adalora, write_rank_report
+from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
+from r1tune.models.bottleneck import WEIGHTS as BOTTLENECK_WEIGHTS
+from r1tune.models.bottleneck import has_bottleneck, save_bottleneck
+from r1tune.models.expert_selection import EXPERT_LOAD_FILE, select_experts
 from r1tune.models.methods import attach_method, describe_trainable, exact_lora_targets
+from r1tune.models.quantize import quantization_config
 from r1tune.models.vocab import add_domain_tokens, read_token_file, resize_and_init
 from r1tune.train.checkpoint import atomic_dir, find_checkpoint, list_checkpoints
 from r1tune.train.logs import plot_loss, truncate_log_after
-from r1tune.train.trainer import TrainResult, Trainer, check_precision
+from r1tune.train.regularize import apply_regularisation
+from r1tune.train.trainer import TrainResult, Trainer, check_precision, pick_device, total_steps, use_bf16
 from r1tune.ui import console, print_comparison
 
-FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml")
+FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml", BOTTLENECK_CONFIG)
 RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "eval_results.json", "r1tune_config.yaml",
-                 "skipped_records.jsonl",
+                 "skipped_records.jsonl", "adalora_ranks.json", "adalora_ranks.png", BOTTLENECK_CONFIG,
+                 BOTTLENECK_WEIGHTS, EXPERT_LOAD_FILE,
                  "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
                  "model.safetensors.index.json", "config.json", "generation_config.json")
 
@@ -106,11 +114,17 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
         console.print("do_train is false: data checked, nothing trained")
         return None
     torch.manual_seed(cfg.seed)
-    model = load_model(model_path, torch.float32, cfg.trust_remote_code, cfg.attn_implementation)
+    quantization = quantization_config(cfg.quantization_bit, cfg.quantization_type, cfg.double_quantization,
+                                       torch.bfloat16 if use_bf16(cfg.bf16, cfg.fp16, pick_device()) else torch.float32)
+    model = load_model(model_path, torch.float32, cfg.trust_remote_code, cfg.attn_implementation, quantization)
     resize_and_init(model, tokenizer, new_ids)
-    model = attach_method(model, cfg, new_ids)
+    for line in apply_regularisation(model, cfg):
+        console.print(f"regularisation: {line}")
+    model = attach_method(model, cfg, new_ids, total_steps(cfg, len(data.train)), model_path)
+    experts = select_experts(model, cfg, data, tokenizer.pad_token_id, new_ids)
     console.print(describe_trainable(model))
-    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, out, epochs)
+    trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, out, epochs,
+                      experts.no_decay if experts else frozenset())
     precision = "bf16 autocast" if trainer.bf16 else ("fp16 autocast" if cfg.fp16 else "fp32")
     cutting = f"cut to <= {trainer.micro_tokens} tokens" if trainer.micro_tokens else "not cut"
     console.print(f"speed: {precision}, {'length-grouped' if trainer.plan.group_by_length else 'shuffled'} batches "
@@ -130,6 +144,7 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     result = trainer.fit()
     after = _measure(trainer, tokenizer, data.val_conversations, cfg, eval_loss=result.eval_loss)
     save_final(model, tokenizer, cfg, out)
+    report_method(model, cfg, out, experts)
     results = {"before": _plain(before), "after": _plain(after), "global_step": result.global_step,
                "train_loss": result.last_loss, "train_runtime": result.train_runtime,
                "train_tokens": result.train_tokens}
@@ -138,6 +153,7 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
         console.print(f"loss curve: {png}")
     print_comparison(before, after)
     console.print(f"saved to {out} after {result.global_step} steps")
+    result.model = model
     return result
 
 
@@ -159,14 +175,36 @@ def _plain(scores: dict | None) -> dict | None:
     return None if scores is None else {k: v for k, v in scores.items() if k != "sample"}
 
 
+def report_method(model, cfg: RunConfig, out: Path, experts) -> None:
+    """What the method decided during training: AdaLoRA's ranks, experts' load before and after."""
+    if is_adalora(model):
+        report, png = write_rank_report(model, out)
+        console.print(f"AdaLoRA rank allocation: {report}" + (f", plot {png}" if png else ""))
+    if experts:
+        experts.finish(model, out)
+
+
+def save_model(model, folder: Path) -> None:
+    """The trained part: bottleneck adapters, a PEFT adapter (PiSSA converted to plain LoRA), or the model."""
+    if has_bottleneck(model):
+        save_bottleneck(model, folder)
+        return
+    with exact_lora_targets():
+        if not hasattr(model, "peft_config"):
+            model.save_pretrained(folder)
+            return
+        # new token rows live in the adapter; do not copy the whole embedding matrices in
+        extra = {"save_embedding_layers": False}
+        if start := getattr(model, "_r1tune_pissa_start", None):  # loadable on the original base weights
+            extra["path_initial_model_for_weight_conversion"] = str(start)
+        model.save_pretrained(folder, **extra)
+
+
 def save_final(model, tokenizer, cfg: RunConfig, out: Path) -> None:
     """Adapter or full model + tokenizer + resolved config, each file moved into place atomically."""
     tmp = atomic_dir(out / "final")
     try:
-        with exact_lora_targets():
-            # new token rows live in the adapter; do not copy the whole embedding matrices in
-            extra = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
-            model.save_pretrained(tmp, **extra)
+        save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "r1tune_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         for item in tmp.iterdir():
