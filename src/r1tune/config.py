@@ -230,8 +230,9 @@ class RunConfig(BaseModel):
 
 # Keys that only mean something for some fine-tuning types: setting one for another type is an error.
 METHOD_KEYS = {
-    ("lora",): ["use_dora", "use_rslora", "pissa_init", "pissa_iter", "adapter_name_or_path", "create_new_adapter"],
-    ("lora", "adalora"): ["lora_target", "lora_experts", "lora_dropout", "loraplus_lr_ratio", "loraplus_lr_embedding",
+    ("lora",): ["lora_rank", "use_dora", "use_rslora", "pissa_init", "pissa_iter", "adapter_name_or_path",
+                "create_new_adapter"],
+    ("lora", "adalora"): ["lora_alpha", "lora_target", "lora_experts", "lora_dropout", "loraplus_lr_ratio", "loraplus_lr_embedding",
                           "additional_target", "quantization_bit", "quantization_type", "double_quantization"],
     ("adalora",): ["adalora_init_r", "adalora_target_r", "adalora_tinit", "adalora_tfinal", "adalora_delta_t",
                    "adalora_beta1", "adalora_beta2", "adalora_orth_reg_weight"],

@@ -163,24 +163,38 @@ def attach_lora_method(model: nn.Module, cfg, new_token_ids=()):
     return model
 
 
+def adapter_folders(spec: str | None) -> list[str]:
+    return [f.strip() for f in (spec or "").split(",") if f.strip()]
+
+
+def merged_adapters(spec: str | None, create_new: bool) -> list[str]:
+    """The adapter_name_or_path folders merged into the base before training (and so before serving)."""
+    folders = adapter_folders(spec)
+    return folders if create_new else folders[:-1]
+
+
+def merge_adapters(model: nn.Module, folders: list[str]) -> nn.Module:
+    for folder in folders:
+        model = load_lora(model, folder).merge_and_unload()
+    return model
+
+
 def apply_existing_adapters(model: nn.Module, cfg):
     """adapter_name_or_path: merge all but the last adapter (all with create_new_adapter) into the base;
     the last one otherwise keeps training. Returns (model, True when an adapter is being continued)."""
-    folders = [f.strip() for f in (cfg.adapter_name_or_path or "").split(",") if f.strip()]
+    folders = adapter_folders(cfg.adapter_name_or_path)
     for folder in folders:
         if not (Path(folder) / "adapter_config.json").is_file():
             raise UserError(f"config key 'adapter_name_or_path': '{folder}' is not a LoRA adapter folder "
                             "(no adapter_config.json); give the folder a LoRA run saved to")
-    merge = folders if cfg.create_new_adapter else folders[:-1]
+    merge = merged_adapters(cfg.adapter_name_or_path, cfg.create_new_adapter)
     if merge and cfg.quantization_bit:
         raise UserError("config key 'adapter_name_or_path': adapters cannot be merged into a quantized base "
                         "(quantization_bit); give one adapter to continue, or merge them in full precision first")
-    for folder in merge:
-        model = load_lora(model, folder).merge_and_unload()
+    model = merge_adapters(model, merge)
     if len(merge) == len(folders):
         return model, False
-    model = load_lora(model, folders[-1], trainable=True)
-    return model, True
+    return load_lora(model, folders[-1], trainable=True), True
 
 
 def remember_pissa_start(model) -> None:

@@ -14,7 +14,7 @@ from r1tune.errors import UserError
 from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
 from r1tune.models.bottleneck import load_bottleneck
 from r1tune.models.loading import load_model, load_tokenizer, read_adapter_base
-from r1tune.models.methods import load_lora
+from r1tune.models.methods import load_lora, merge_adapters, merged_adapters
 from r1tune.models.quantize import quantization_config
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -31,7 +31,9 @@ def load_for_chat(folder: str):
     tokenizer = load_tokenizer(str(path), is_model_dir=base is None)
     if base is None:
         return load_model(str(path)), tokenizer
-    model = load_model(base, quantization=training_quantization(path))
+    run = training_config(path)
+    model = load_model(base, quantization=training_quantization(run))
+    model = merge_adapters(model, merged_adapters(run.get("adapter_name_or_path"), run.get("create_new_adapter", False)))
     if bottleneck:
         return load_bottleneck(model, path), tokenizer
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # domain tokens were added
@@ -49,12 +51,14 @@ def read_bottleneck_base(folder: Path) -> str | None:
         raise UserError(f"{config}: not a valid bottleneck adapter config; re-save the adapter") from None
 
 
-def training_quantization(folder: Path):
-    """The BitsAndBytesConfig the run in `folder` trained over (QLoRA), or None."""
+def training_config(folder: Path) -> dict:
+    """The run config saved with an output dir ({} for a folder r1tune did not write)."""
     saved = folder / "r1tune_config.yaml"
-    if not saved.is_file():
-        return None
-    raw = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    return (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}) if saved.is_file() else {}
+
+
+def training_quantization(raw: dict):
+    """The BitsAndBytesConfig a run trained over (QLoRA), or None."""
     if not raw.get("quantization_bit"):
         return None
     import torch

@@ -131,11 +131,11 @@ class Trainer:
     # --- public -----------------------------------------------------------------
     def load_state(self, path: Path) -> None:
         """Weights, optimizer, RNG and step from a checkpoint (writes nothing)."""
-        if self.unfreezer:  # the checkpoint's optimizer has a group for every stage unfrozen by then
-            self._unfreeze(checkpoint.read_step(path), quiet=True)
+        if self.unfreezer:  # the checkpoint's optimizer has a group for every stage unfrozen before its step
+            self._unfreeze(checkpoint.read_step(path) - 1)
         self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer)
 
-    def _unfreeze(self, step: int, quiet: bool = False) -> None:
+    def _unfreeze(self, step: int, log: MetricsLog | None = None) -> None:
         """Apply schedule entries due by `step`: their new parameters join the optimizer as new groups."""
         for entry, new in self.unfreezer.advance(step):
             for group in optimizers.param_groups(new, self.cfg.weight_decay, self.cfg.loraplus_lr_ratio,
@@ -144,11 +144,21 @@ class Trainer:
                 group["lr"] = self.cfg.learning_rate * group["lr_scale"]  # the schedule sets it before the step
                 self.optimizer.add_param_group(group)
             self.unfrozen.append((entry, new))
-            if not quiet:
-                tqdm.write(f"step {step}: unfroze {entry.describe()} ({sum(p.numel() for _, p in new):,} parameters)")
+            if log is not None:
+                self._log_unfreeze(log, step, entry, new)
+
+    @staticmethod
+    def _log_unfreeze(log: MetricsLog, step: int, entry, new: list) -> None:
+        count = sum(p.numel() for _, p in new)
+        tqdm.write(f"step {step}: unfroze {entry.describe()} ({count:,} parameters)")
+        log.write({"split": "unfreeze", "step": step, "unfrozen": entry.describe(), "parameters": count,
+                   "tensors": len(new)})
 
     def fit(self) -> TrainResult:
         log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none", start_step=self.state.global_step)
+        if self.unfreezer and self.state.global_step == 0:  # what was unfrozen before the first step
+            for entry, new in self.unfrozen:
+                self._log_unfreeze(log, 0, entry, new)
         window = {"loss": 0.0, "steps": 0, "tokens": 0, "start": time.perf_counter()}
         last_loss, eval_loss, stopped = None, None, False
         busy, trained_tokens = 0.0, 0
@@ -157,7 +167,7 @@ class Trainer:
             while self.state.global_step < self.total and not stopped:
                 started = time.perf_counter()
                 if self.unfreezer:
-                    self._unfreeze(self.state.global_step)
+                    self._unfreeze(self.state.global_step, log)
                 loss, tokens, grad_norm = self.train_step(self.state.global_step)
                 busy += time.perf_counter() - started
                 trained_tokens += tokens
