@@ -37,6 +37,16 @@ def test_function_matches_plain_cross_entropy(chunk_rows):
     assert (plain[1] - chunked[1]).abs().max() <= 1e-5 and (plain[2] - chunked[2]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_matches_torch(smoothing):
+    hidden, weight, labels = _inputs()
+    plain = _loss_and_grads(lambda h, w, y: causal_lm_loss_sum(h @ w.T, y, smoothing), hidden, weight, labels)
+    chunked = _loss_and_grads(lambda h, w, y: chunked_loss_sum(h, w, y, 64, smoothing), hidden, weight, labels)
+    unsmoothed = _loss_and_grads(lambda h, w, y: chunked_loss_sum(h, w, y, 64), hidden, weight, labels)
+    assert abs(plain[0] - chunked[0]) <= 1e-5 and abs(unsmoothed[0] - chunked[0]) > 1e-4
+    assert (plain[1] - chunked[1]).abs().max() <= 1e-5 and (plain[2] - chunked[2]).abs().max() <= 1e-5
+
+
 def test_frozen_head_and_no_grad():
     hidden, weight, labels = _inputs()
     weight.requires_grad_(False)

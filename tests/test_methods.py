@@ -21,7 +21,7 @@ METHODS = {
     "lora": LORA_LIKE,
     "dora": {**LORA_LIKE, "use_dora": True},
     "rslora": {**LORA_LIKE, "use_rslora": True},
-    "pissa": {**LORA_LIKE, "pissa_init": True, "pissa_iter": -1, "learning_rate": 1e-3},
+    "pissa": {**LORA_LIKE, "pissa_init": True, "pissa_iter": 2, "learning_rate": 1e-3},
     "loraplus": {**LORA_LIKE, "loraplus_lr_ratio": 4.0, "learning_rate": 1e-3},
     "adalora": {"finetuning_type": "adalora", "adalora_init_r": 6, "adalora_target_r": 3, "adalora_tinit": 2,
                 "adalora_tfinal": 3, "learning_rate": 3e-3, "adalora_orth_reg_weight": 0.1},
@@ -63,6 +63,9 @@ def test_method_trains_saves_reloads_merges(method, arch, tiny_ds, tiny_qwen, pa
     trained = logits(result.model, x)
     reloaded, _ = load_for_chat(str(tmp_path / "out"))
     assert (logits(reloaded, x) - trained).abs().max() <= 1e-5
+    if method == "pissa":  # converted to a plain LoRA of rank 2r on the original base weights
+        saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+        assert saved["r"] == 2 * METHODS["pissa"]["lora_rank"] and saved["init_lora_weights"] is True
     if method in MERGEABLE:
         merged = reloaded.merge_and_unload()
         assert (logits(merged, x) - trained).abs().max() <= 1e-4

@@ -195,9 +195,12 @@ def save_model(model, folder: Path) -> None:
             return
         # new token rows live in the adapter; do not copy the whole embedding matrices in
         extra = {"save_embedding_layers": False}
-        if start := getattr(model, "_r1tune_pissa_start", None):  # loadable on the original base weights
+        start = getattr(model, "_r1tune_pissa_start", None)
+        if start:  # loadable (and mergeable) on the original base weights, by any PEFT user
             extra["path_initial_model_for_weight_conversion"] = str(start)
         model.save_pretrained(folder, **extra)
+    if start:
+        shutil.rmtree(start, ignore_errors=True)
 
 
 def save_final(model, tokenizer, cfg: RunConfig, out: Path) -> None:
