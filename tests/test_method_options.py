@@ -207,3 +207,56 @@ def test_cli_conflict_exits_2_with_one_line(tmp_path):
     cfg.write_text("model_name_or_path: m\ndataset: d\noutput_dir: o\nfinetuning_type: full\nquantization_bit: 4\n")
     proc = subprocess.run([sys.executable, "-m", "r1tune", "train", str(cfg)], capture_output=True, text=True)
     assert proc.returncode == 2 and "quantization_bit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- QLoRA, prompt init, additional targets -----------------------------------------------------
+def test_quantization_without_bitsandbytes_is_one_sentence(monkeypatch):
+    from r1tune.models.quantize import quantization_config
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(UserError, match="'quantization_bit' needs bitsandbytes.*pip install bitsandbytes"):
+        quantization_config(4)
+
+
+def test_fp4_without_double_quantization_quantizes_the_linears(tiny_ds, parity_file, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    result, scores = run_method(tiny_ds, parity_file, tmp_path / "out", quantization_bit=4, quantization_type="fp4",
+                                double_quantization=False, lora_rank=4, learning_rate=3e-3)
+    layers = [m for m in result.model.modules() if isinstance(m, Linear4bit)]
+    assert layers and all(m.weight.quant_type == "fp4" and not m.weight.quant_state.nested for m in layers)
+    assert scores["after"]["eval_loss"] < scores["before"]["eval_loss"]
+
+
+def test_prompt_tuning_starts_from_the_init_text(tiny_qwen, parity_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = "Answer with care"
+    result, _ = run_method(tiny_qwen, parity_file, tmp_path / "out", finetuning_type="prompt_tuning",
+                           num_virtual_tokens=3, prompt_tuning_init="text", prompt_tuning_init_text=text,
+                           learning_rate=1e-9, max_steps=1)
+    ids = AutoTokenizer.from_pretrained(tiny_qwen)(text, add_special_tokens=False)["input_ids"][:3]
+    start = result.model.get_input_embeddings().weight[ids]
+    virtual = result.model.prompt_encoder["default"].embedding.weight
+    assert torch.allclose(virtual, start, atol=1e-6)
+
+
+def test_additional_target_trains_and_saves_the_module(tiny_qwen, parity_file, tmp_path):
+    out = tmp_path / "out"
+    result, _ = run_method(tiny_qwen, parity_file, out, additional_target="norm", lora_rank=4, learning_rate=3e-3)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    norm = [k for k in saved if k.endswith("model.norm.weight")]
+    assert norm and not torch.equal(saved[norm[0]], base_weights(tiny_qwen)["model.norm.weight"])
+    x = torch.randint(5, 500, (2, 12))
+    reloaded, _ = load_for_chat(str(out))
+    assert (logits(reloaded, x) - logits(result.model, x)).abs().max() <= 1e-5
+
+
+def test_unfreeze_schedule_with_lora_unfreezes_adapters(tiny_ds, parity_file, tmp_path):
+    out = tmp_path / "out"
+    schedule = [{"step": 0, "layers": 1}, {"step": 50, "layers": "all"}]  # the second never comes
+    run_method(tiny_ds, parity_file, out, unfreeze_schedule=schedule, lora_rank=4, learning_rate=3e-3)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    b = {k: v for k, v in saved.items() if "lora_B" in k}
+    assert all(v.abs().max() == 0 for k, v in b.items() if ".layers.0." in k)  # LoRA B starts at zero
+    assert all(v.abs().max() > 0 for k, v in b.items() if ".layers.1." in k)

@@ -39,7 +39,7 @@ SKIP = {("deepseek_v3", "prefix_tuning"): "MLA caches a compressed latent; a cle
 
 
 def run_method(model_dir, data, out, **overrides):
-    cfg = make_cfg(model_dir, data, out, max_steps=8, val_size=8, bf16=False, **overrides)
+    cfg = make_cfg(model_dir, data, out, **{"max_steps": 8, "val_size": 8, "bf16": False, **overrides})
     result = run_sft(cfg)
     scores = json.loads((out / "eval_results.json").read_text())
     return result, scores

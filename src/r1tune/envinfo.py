@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "tokenizers", "safetensors", "datasets")
 OPTIONAL = {"tensorboard": "TensorBoard event files", "matplotlib": "loss plots",
-            "trl": "preference/RL stages (later)", "bitsandbytes": "QLoRA (CUDA)",
+            "trl": "preference/RL stages (later)", "bitsandbytes": "QLoRA, 8-bit optimizers (CPU >= 0.49, CUDA)",
             "flash_attn": "flash-attention 2 (CUDA)", "deepspeed": "DeepSpeed ZeRO"}
 
 
