@@ -1,6 +1,6 @@
 """Every fine-tuning method side by side: trainable parameters, peak memory, speed and held-out loss.
 
-    python bench/methods.py --markdown docs/img/methods_table.md   # the docs/methods.md table (about 25 minutes)
+    python bench/methods.py --markdown docs/img/methods_table.md   # the docs/methods.md table (about 26 minutes)
     python bench/methods.py --quick                                # smoke test: lora + prefix_tuning, 40 records
     python bench/methods.py --models qwen2-20M --methods lora dora --records 100
 
@@ -19,7 +19,10 @@ train_runtime from output_dir/eval_results.json); the eval loss on 32 held-out r
 records for every run) after the epoch; and the wall time of the whole process (loading,
 tokenizing, the evaluations before and after, saving). A method that fails shows its one-line
 error instead of numbers; prefix tuning on DeepSeek-V3 is refused by r1tune (MLA caches a
-compressed latent, not per-head keys and values) and shows "n/a (MLA)".
+compressed latent, not per-head keys and values) and shows "n/a (MLA)". r1tune counts 4-bit weights
+unpacked and, with expert selection, only the selected experts' share of the fused tensors (or of
+their LoRA) as trainable. Each run's log, config and output folder stay in the
+work folder printed at the end.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -36,15 +40,16 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from configs import write_config  # noqa: E402
 from train_throughput import MODELS as ALL_MODELS  # noqa: E402
 from train_throughput import measure, write_records  # noqa: E402
 
 MODELS = {name: ALL_MODELS[name] for name in ("qwen2-20M", "deepseek_v3-20M")}
-DEFAULT_RECORDS = 240  # sized so that the default run (34 rows) takes about 25 minutes on 2 cores
+DEFAULT_RECORDS = 200  # 34 rows of ~50k tokens each: about 26 minutes on 2 idle cores
 HELD_OUT = 32
-COMMAND = "python bench/methods.py --markdown docs/img/methods_table.md"
 
 LORA_LR, FULL_LR, PROMPT_LR, BOTTLENECK_LR, LION_LR = 2e-4, 5e-5, 3e-2, 1e-3, 3e-5
 LORA = {"finetuning_type": "lora", "lora_rank": 16, "lora_alpha": 32, "lora_target": "all"}
@@ -120,13 +125,19 @@ def train_once(work: Path, model: Path, data: Path, held_out: Path, label: str, 
     config = write_config(work / f"{label}.yaml", run_keys(work, model, data, held_out, out, method))
     env = {**os.environ, "COLUMNS": "250"}  # rich must not wrap the trainable-params line
     start = time.perf_counter()
-    text, rss = measure([sys.executable, "-m", "r1tune", "train", str(config)], env=env)
+    try:
+        text, rss = measure([sys.executable, "-m", "r1tune", "train", str(config)], env=env)
+    except RuntimeError as exc:
+        (work / f"{label}.log").write_text(str(exc), encoding="utf-8")
+        raise
     wall = time.perf_counter() - start
-    trainable, total, share = TRAINABLE.search(text).groups()
+    (work / f"{label}.log").write_text(text, encoding="utf-8")
+    trainable, _, share = TRAINABLE.search(text).groups()
     result = json.loads((out / "eval_results.json").read_text())
     loss = (result.get("after") or {}).get("eval_loss")
-    return [trainable, f"{float(share):.3f} %", f"{rss:.2f}", f"{result['train_tokens'] / result['train_runtime']:,.0f}",
-            "-" if loss is None else f"{loss:.3f}", f"{wall:.0f} s"]
+    speed = result["train_tokens"] / result["train_runtime"]
+    return [trainable, f"{float(share):.3f} %", f"{rss:.2f}", f"{speed:,.0f}", "-" if loss is None else f"{loss:.3f}",
+            f"{wall:.0f} s"]
 
 
 def run_row(work: Path, model_name: str, model: Path, data: Path, held_out: Path, method: Method) -> Row:
@@ -144,7 +155,8 @@ def run_row(work: Path, model_name: str, model: Path, data: Path, held_out: Path
 def how_measured(records: int) -> str:
     return (f"Measured {datetime.date.today().isoformat()} with torch {version('torch')}, transformers "
             f"{version('transformers')}, peft {version('peft')} on {os.cpu_count()} CPU cores: {records} records, "
-            f"1 epoch, batch 8, cutoff 512, seed 0, held-out loss on {HELD_OUT} other records; `{COMMAND}`.")
+            f"1 epoch, batch 8, cutoff 512, seed 0, held-out loss on {HELD_OUT} other records; "
+            f"`{shlex.join(['python', 'bench/methods.py', *sys.argv[1:]])}`.")
 
 
 def print_table(rows: list[Row], note: str) -> None:
@@ -165,8 +177,17 @@ def print_table(rows: list[Row], note: str) -> None:
 
 def markdown(rows: list[Row], note: str) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * 2 + "---:|" * (len(COLUMNS) - 2)]
-    lines += ["| " + " | ".join([row.model, row.method, *row.cells]).replace("\n", " ") + " |" for row in rows]
+    for row in rows:
+        cells = [cell.replace("|", "\\|").replace("\n", " ") for cell in [row.model, row.method, *row.cells]]
+        lines.append("| " + " | ".join(cells) + " |")
     return note + "\n\n" + "\n".join(lines) + "\n"
+
+
+def warn_if_busy() -> None:
+    busy = psutil.cpu_percent(interval=2.0)
+    if busy > 20:
+        print(f"warning: the CPU is {busy:.0f}% busy before the first run: something else is running, so tokens/s and "
+              "wall times will be low and noisy", flush=True)
 
 
 def plan(models: list[str], methods: list[str]) -> list[tuple[str, Method]]:
@@ -181,39 +202,51 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=None, choices=list(BY_NAME), metavar="METHOD",
                         help="default: all of " + ", ".join(BY_NAME))
-    parser.add_argument("--markdown", type=Path, help="also write the Markdown table here (e.g. docs/img/methods_table.md)")
+    parser.add_argument("--markdown", type=Path,
+                        help="also write the Markdown table here (e.g. docs/img/methods_table.md)")
     parser.add_argument("--quick", action="store_true", help=f"smoke test: {' + '.join(QUICK_METHODS)}, "
                         f"{QUICK_RECORDS} records")
     return parser.parse_args()
 
 
-def main() -> int:
+def prepare(work: Path, records: int, model_names: list[str]) -> tuple[Path, Path, dict[str, Path]]:
+    """Training and held-out records, and each tiny model, written once into `work`."""
     from transformers.utils import logging
 
     from r1tune.models.tiny import build_tiny
 
     logging.disable_progress_bar()
-    args = parse_args()
-    records = args.records or (QUICK_RECORDS if args.quick else DEFAULT_RECORDS)
-    runs = plan(args.models, args.methods or (QUICK_METHODS if args.quick else list(BY_NAME)))
-    work = Path(tempfile.mkdtemp(prefix="r1tune-methods-bench-"))
     data, held_out = work / "records.jsonl", work / "held_out.jsonl"
     write_records(data, records)
     write_records(held_out, HELD_OUT, seed=1)  # the same held-out records score every run
     models = {name: build_tiny(work / name, MODELS[name][0], hidden_size=MODELS[name][1], num_layers=MODELS[name][2])
-              for name in args.models}
-    rows, start = [], time.perf_counter()
-    for i, (name, method) in enumerate(runs, 1):
-        row = run_row(work, name, models[name], data, held_out, method)
-        rows.append(row)
-        print(f"[{i}/{len(runs)}] {name} {method.name}: {' | '.join(row.cells)}", flush=True)
+              for name in model_names}
+    return data, held_out, models
+
+
+def report(rows: list[Row], records: int, work: Path, markdown_path: Path | None) -> None:
     note = how_measured(records)
     print_table(rows, note)
     table = markdown(rows, note)
-    for path in [work / "methods_table.md", *([args.markdown] if args.markdown else [])]:
+    for path in [work / "methods_table.md", *([markdown_path] if markdown_path else [])]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(table, encoding="utf-8")
-    print(f"{len(runs)} runs in {(time.perf_counter() - start) / 60:.1f} min; Markdown table and files in {work}")
+
+
+def main() -> int:
+    args = parse_args()
+    warn_if_busy()
+    records = args.records or (QUICK_RECORDS if args.quick else DEFAULT_RECORDS)
+    runs = plan(args.models, args.methods or (QUICK_METHODS if args.quick else list(BY_NAME)))
+    work = Path(tempfile.mkdtemp(prefix="r1tune-methods-bench-"))
+    data, held_out, models = prepare(work, records, args.models)
+    rows, start = [], time.perf_counter()
+    for i, (name, method) in enumerate(runs, 1):
+        rows.append(run_row(work, name, models[name], data, held_out, method))
+        print(f"[{i}/{len(runs)}] {name} {method.name}: {' | '.join(rows[-1].cells)}", flush=True)
+    report(rows, records, work, args.markdown)
+    print(f"{len(runs)} runs in {(time.perf_counter() - start) / 60:.1f} min; Markdown table, logs and run folders "
+          f"in {work}")
     return 0
 
 

@@ -20,6 +20,12 @@ from tests.conftest import make_cfg
 from tests.test_methods import logits, run_method
 
 
+def load_model_plain(model_dir):
+    from r1tune.models.loading import load_model
+
+    return load_model(str(model_dir))
+
+
 def base_weights(model_dir) -> dict:
     return load_file(str(model_dir / "model.safetensors"))
 
@@ -36,6 +42,10 @@ def test_full_tuning_of_chosen_experts_changes_only_them(tiny_ds, parity_file, t
     for name in ("model.layers.1.mlp.gate.weight", "model.layers.0.mlp.gate_proj.weight",
                  "model.layers.1.self_attn.q_a_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight"):
         assert torch.equal(after[name], before[name]), name
+    from r1tune.models.methods import count_parameters
+
+    experts = result.model.model.layers[1].mlp.experts
+    assert count_parameters(result.model)[0] == (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2 // 8
     report = json.loads((out / "expert_load.json").read_text())
     assert report["selection"] == {"1": [2, 5]} and report["before"][0]["layer"] == 1 and report["after"]
 
@@ -223,8 +233,12 @@ def test_fp4_without_double_quantization_quantizes_the_linears(tiny_ds, parity_f
 
     result, scores = run_method(tiny_ds, parity_file, tmp_path / "out", quantization_bit=4, quantization_type="fp4",
                                 double_quantization=False, lora_rank=4, learning_rate=3e-3)
+    from r1tune.models.methods import count_parameters
+
     layers = [m for m in result.model.modules() if isinstance(m, Linear4bit)]
     assert layers and all(m.weight.quant_type == "fp4" and not m.weight.quant_state.nested for m in layers)
+    trainable, total = count_parameters(result.model)  # 4-bit weights count unpacked: base + adapter
+    assert total == sum(p.numel() for p in load_model_plain(tiny_ds).parameters()) + trainable
     assert scores["after"]["eval_loss"] < scores["before"]["eval_loss"]
 
 

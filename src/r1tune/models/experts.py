@@ -174,6 +174,7 @@ def top_k_experts(counts: torch.Tensor, layer_ids, k: int) -> dict[int, list[int
 def _freeze(param: nn.Parameter) -> None:
     """requires_grad off, and any earlier mask of ours removed (restricting twice must not stack masks)."""
     param.requires_grad = False
+    param.__dict__.pop("_r1tune_trained_share", None)
     if (old := getattr(param, _HOOK_ATTR, None)) is not None:
         old.remove()
         delattr(param, _HOOK_ATTR)
@@ -185,6 +186,7 @@ def _mask(param: nn.Parameter, keep: torch.Tensor) -> None:
     param.requires_grad = True
     drop = ~keep.to(param.device)
     setattr(param, _HOOK_ATTR, param.register_hook(lambda grad: grad.masked_fill(drop, 0)))
+    param._r1tune_trained_share = keep.float().mean().item()  # for the trainable-parameter count
 
 
 def _lora_wrappers(mlp: nn.Module) -> list[nn.Module]:

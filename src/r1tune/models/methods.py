@@ -25,6 +25,7 @@ from torch import nn
 
 from r1tune.errors import UserError
 from r1tune.models.adalora import adalora_config
+from r1tune.models.bottleneck import BottleneckConfig, attach_bottleneck
 from r1tune.models.expert_lora import EXPERT_PARAMS, use_lowrank_experts
 from r1tune.models.prompt_methods import PROMPT_TYPES, attach_prompt_method
 from r1tune.models.unfreeze import freeze_layers, layer_indices
@@ -140,8 +141,8 @@ def attach_lora_method(model: nn.Module, cfg, new_token_ids=()):
     """LoRA per cfg: variants, additional targets, continuing or stacking on existing adapters."""
     for param in model.parameters():
         param.requires_grad = False
-    model, resumed = apply_existing_adapters(model, cfg)
-    if resumed:
+    model, continued = apply_existing_adapters(model, cfg)
+    if continued:  # the adapter keeps its own rank, targets and variant
         return model
     targets = resolve_lora_targets(model, cfg.lora_target, cfg.adapt_experts)
     if targets.parameters and cfg.lora_dropout > 0:
@@ -219,8 +220,6 @@ def attach_method(model: nn.Module, cfg, new_token_ids: list[int] = (), total_st
     elif kind in PROMPT_TYPES:
         model = attach_prompt_method(model, cfg, model_path or model.config._name_or_path)
     elif kind == "bottleneck":
-        from r1tune.models.bottleneck import BottleneckConfig, attach_bottleneck
-
         model = attach_bottleneck(model, BottleneckConfig(cfg.bottleneck_size, cfg.bottleneck_where,
                                                           cfg.bottleneck_activation))
     elif kind == "freeze":
@@ -252,9 +251,21 @@ def _attach_adalora(model: nn.Module, cfg, total_steps: int | None):
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    """(trainable, total) weights: 4-bit layers count their unpacked size; inside fused MoE tensors whose
+    gradients are masked per expert (expert-selective tuning) only the selected experts' share trains."""
+    trainable = sum(_trained_share(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_unpacked_numel(p) for p in model.parameters())
+    return round(trainable), total
+
+
+def _unpacked_numel(param) -> int:
+    state = getattr(param, "quant_state", None)  # bitsandbytes packs two 4-bit weights per byte
+    return state.shape.numel() if state is not None and hasattr(state, "shape") else param.numel()
+
+
+def _trained_share(param) -> float:
+    share = getattr(param, "_r1tune_trained_share", 1.0)  # set by experts.restrict_expert_training
+    return _unpacked_numel(param) * share
 
 
 def describe_trainable(model: nn.Module) -> str:

@@ -210,7 +210,7 @@ class Trainer:
         if self.adalora:  # once per step, as PEFT adds it once per forward of a whole batch
             penalty = orthogonal_penalty(self.model)
             if torch.is_tensor(penalty):
-                penalty.backward()
+                (self.scaler.scale(penalty) if self.scaler else penalty).backward()
         grad_norm = self._apply_update(step)
         batches = batch = None  # let the step's tensors go before trimming
         if self.device.type == "cpu":

@@ -22,7 +22,7 @@ from r1tune.errors import UserError
 from r1tune.evaluation.generate import GenerationScore, exact_match
 from r1tune.fileio import write_text_atomic
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
-from r1tune.models.adalora import is_adalora, write_rank_report
+from r1tune.models.adalora import is_adalora, rank_allocation, write_rank_report
 from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
 from r1tune.models.bottleneck import WEIGHTS as BOTTLENECK_WEIGHTS
 from r1tune.models.bottleneck import has_bottleneck, save_bottleneck
@@ -178,8 +178,12 @@ def _plain(scores: dict | None) -> dict | None:
 def report_method(model, cfg: RunConfig, out: Path, experts) -> None:
     """What the method decided during training: AdaLoRA's ranks, experts' load before and after."""
     if is_adalora(model):
+        ranks = rank_allocation(model)
         report, png = write_rank_report(model, out)
-        console.print(f"AdaLoRA rank allocation: {report}" + (f", plot {png}" if png else ""))
+        console.print(f"AdaLoRA ranks kept: mean {sum(ranks.values()) / max(len(ranks), 1):.1f} of "
+                      f"{cfg.adalora_init_r} (min {min(ranks.values(), default=0)}, max "
+                      f"{max(ranks.values(), default=0)}) over {len(ranks)} modules; {report}"
+                      + (f", {png}" if png else ""))
     if experts:
         experts.finish(model, out)
 
