@@ -28,6 +28,7 @@ NO_EFFECT_KEYS = {
     "save_strategy": "saving follows save_steps",
     "logging_strategy": "logging follows logging_steps",
     "flash_attn": "the attention kernel is chosen by attn_implementation",
+    "pissa_convert": "PiSSA adapters are always saved converted to a plain LoRA on the original base",
 }
 
 

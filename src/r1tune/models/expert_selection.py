@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from r1tune.errors import UserError
 from r1tune.fileio import write_text_atomic
@@ -32,7 +33,8 @@ class ExpertRun:
     def finish(self, model, out: Path) -> None:
         """Routing after training, logged next to the routing before it; writes expert_load.json."""
         layers = moe.moe_layers(model)
-        after = moe.expert_load_table(moe.routing_counts(model, self.batches), list(layers))
+        counts = moe.routing_counts(model, tqdm(self.batches, desc="routing pass", unit="batch", leave=False))
+        after = moe.expert_load_table(counts, list(layers))
         _print_load("expert load after training", after)
         report = {"selection": {str(k): v for k, v in self.selection.items()}, "before": self.before, "after": after}
         write_text_atomic(out / EXPERT_LOAD_FILE, json.dumps(report, indent=2))
@@ -51,7 +53,7 @@ def select_experts(model, cfg, data, pad_id: int, new_token_ids=()) -> ExpertRun
         raise UserError(f"{cfg.source}: expert selection (expert_ids / expert_domain / expert_top_k) needs a "
                         f"mixture-of-experts model, and {model.config.model_type} has no routed experts; remove the key")
     batches = routing_batches(data.train, pad_id, cfg.per_device_eval_batch_size)
-    counts = moe.routing_counts(model, batches)
+    counts = moe.routing_counts(model, tqdm(batches, desc="routing pass", unit="batch", leave=False))
     before = moe.expert_load_table(counts, list(layers))
     _print_load("expert load before training", before)
     selection = _selection(cfg, layers, counts)
@@ -69,6 +71,10 @@ def _selection(cfg, layers, counts) -> dict[int, list[int]]:
         return moe.parse_expert_ids(str(cfg.expert_ids), layers, cfg.source)
     if cfg.expert_domain is not None:
         return moe.read_domain_map(cfg.expert_domain_map, cfg.expert_domain, layers, cfg.source)
+    experts = counts.shape[1]
+    if cfg.expert_top_k >= experts:
+        raise UserError(f"{cfg.source}: expert_top_k is {cfg.expert_top_k} but the MoE layers have {experts} routed "
+                        f"experts; choose fewer than {experts} (or finetuning_type full without expert keys)")
     return moe.top_k_experts(counts, list(layers), cfg.expert_top_k)
 
 

@@ -70,6 +70,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         kwargs["attn_implementation"] = attn_implementation
     if quantization is not None:
         kwargs["quantization_config"] = quantization
+        if torch.cuda.is_available():  # bitsandbytes places quantized weights at load; the trainer does not move them
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
