@@ -208,8 +208,8 @@ def test_conflicting_options_are_config_errors(keys, message):
 
 def test_other_methods_hyperparameter_is_only_a_notice(capsys):
     for key, value in (("lora_rank", 16), ("freeze_trainable_layers", 2), ("num_virtual_tokens", 8)):
-        validate_config({**BASE, "finetuning_type": "full", key: value})
-        assert f"'{key}' applies to finetuning_type" in capsys.readouterr().err
+        validate_config({**BASE, "finetuning_type": "full", key: value}, source="run.yaml")
+        assert f"note: run.yaml: '{key}' applies to finetuning_type" in capsys.readouterr().err
 
 
 def test_cli_conflict_exits_2_with_one_line(tmp_path):

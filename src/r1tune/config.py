@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from r1tune.errors import UserError, did_you_mean
 
@@ -175,7 +175,7 @@ class RunConfig(BaseModel):
     resume_from_checkpoint: Optional[str] = Field(None, description="'auto' resumes from the newest checkpoint in output_dir; or a checkpoint folder path.")
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "RunConfig":
+    def _check_combinations(self, info: ValidationInfo) -> "RunConfig":
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 cannot both be true; pick one")
         if self.report_to not in ("tensorboard", "none", "all"):
@@ -197,7 +197,7 @@ class RunConfig(BaseModel):
             raise ValueError("'balance_classes' re-draws samples every epoch and cannot be combined with packing; turn one off")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("'early_stopping_patience' needs 'eval_steps' (how often to evaluate)")
-        check_method_options(self)
+        check_method_options(self, (info.context or {}).get("source", "config"))
         return self
 
     @property
@@ -255,7 +255,7 @@ WHAT_TRAINS_KEYS = {"quantization_bit", "adapter_name_or_path", "create_new_adap
                     "use_dora", "pissa_init"}
 
 
-def check_method_options(cfg: RunConfig) -> None:
+def check_method_options(cfg: RunConfig, source: str = "config") -> None:
     """Options of one fine-tuning method set for another, or options that contradict each other.
 
     A hyperparameter of another method (lora_rank with full, say) only gets a notice, so a
@@ -267,7 +267,7 @@ def check_method_options(cfg: RunConfig) -> None:
                 what = f"'{key}' applies to finetuning_type {' / '.join(types)}, not '{cfg.finetuning_type}'"
                 if key in WHAT_TRAINS_KEYS:
                     raise ValueError(f"{what}; remove '{key}' or change finetuning_type")
-                print(f"note: {cfg.source}: {what}; it has no effect", file=sys.stderr)
+                print(f"note: {source}: {what}; it has no effect", file=sys.stderr)
     if cfg.pissa_init and cfg.quantization_bit:
         raise ValueError("'pissa_init' rewrites the base weights and cannot be used with a quantized base "
                          "(quantization_bit); remove one of them")
@@ -332,7 +332,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         elif key not in known:
             raise UserError(f"unknown key '{key}' in {source}{did_you_mean(key, known) or ' — see docs/config.md for every key'}")
     try:
-        cfg = RunConfig(**raw)
+        cfg = RunConfig.model_validate(raw, context={"source": source})
     except ValidationError as exc:
         raise UserError(_describe_validation_error(exc, source)) from None
     cfg._source = source
