@@ -33,11 +33,14 @@ class ExpertRun:
     def finish(self, model, out: Path) -> None:
         """Routing after training, logged next to the routing before it; writes expert_load.json."""
         layers = moe.moe_layers(model)
-        counts = moe.routing_counts(model, tqdm(self.batches, desc="routing pass", unit="batch", leave=False))
-        after = moe.expert_load_table(counts, list(layers))
+        after = moe.expert_load_table(routing_pass(model, self.batches), list(layers))
         _print_load("expert load after training", after)
         report = {"selection": {str(k): v for k, v in self.selection.items()}, "before": self.before, "after": after}
         write_text_atomic(out / EXPERT_LOAD_FILE, json.dumps(report, indent=2))
+
+
+def routing_pass(model, batches) -> torch.Tensor:
+    return moe.routing_counts(model, tqdm(batches, desc="routing pass", unit="batch", leave=False))
 
 
 def wants_selection(cfg) -> bool:
@@ -53,7 +56,7 @@ def select_experts(model, cfg, data, pad_id: int, new_token_ids=()) -> ExpertRun
         raise UserError(f"{cfg.source}: expert selection (expert_ids / expert_domain / expert_top_k) needs a "
                         f"mixture-of-experts model, and {model.config.model_type} has no routed experts; remove the key")
     batches = routing_batches(data.train, pad_id, cfg.per_device_eval_batch_size)
-    counts = moe.routing_counts(model, tqdm(batches, desc="routing pass", unit="batch", leave=False))
+    counts = routing_pass(model, batches)
     before = moe.expert_load_table(counts, list(layers))
     _print_load("expert load before training", before)
     selection = _selection(cfg, layers, counts)
