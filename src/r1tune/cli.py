@@ -16,6 +16,8 @@ from r1tune.errors import UserError
 EXAMPLES = {
     "train": "example: r1tune train examples/quickstart.yaml learning_rate=1e-4 max_steps=50",
     "chat": "example: r1tune chat outputs/quickstart --prompt \"Is 4827 even or odd?\"",
+    "eval": "example: r1tune eval examples/quickstart.yaml\n"
+            "example: r1tune eval examples/quickstart.yaml eval_thresholds='[\"accuracy >= 0.8\"]'",
     "tiny": "example: r1tune tiny models/tiny-deepseek --arch deepseek_v3",
     "env": "example: r1tune env",
     "data": "example: r1tune data check examples/quickstart.yaml\n"
@@ -30,6 +32,13 @@ def cmd_train(args) -> int:
 
     run_sft(load_config(args.config, args.overrides))
     return 0
+
+
+def cmd_eval(args) -> int:
+    from r1tune.config import load_config
+    from r1tune.evaluation.run import run_eval
+
+    return run_eval(load_config(args.config, args.overrides))
 
 
 def _data_setup(args):
@@ -138,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("train", "Fine-tune a model as described by a YAML run file (LoRA, full or freeze).", cmd_train)
     p.add_argument("config", help="YAML run file (keys: docs/config.md)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+
+    p = add("eval", "Score the trained model (and the base) on held-out data: perplexity, BLEU-4, ROUGE-L, "
+                    "exact match, accuracy, F1, robustness, multiple choice; exit 1 when a threshold fails.", cmd_eval)
+    p.add_argument("config", help="the YAML run file that trained the model (keys: docs/config.md)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
 
     p = add("chat", "Chat with a trained output dir (adapter or full model); reasoning is shown apart from the answer.", cmd_chat)

@@ -166,6 +166,18 @@ class RunConfig(BaseModel):
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without a lower eval loss.")
     eval_generate_samples: int = Field(0, ge=0, description="Before and after training, generate answers for this many validation prompts and report exact-match accuracy.")
     max_new_tokens: int = Field(128, ge=1, description="Generation limit for eval_generate_samples.")
+    # --- r1tune eval --------------------------------------------------------------
+    eval_max_samples: Optional[int] = Field(200, ge=1, description="r1tune eval: score at most this many held-out conversations (eval_dataset, or the val_size split of dataset).")
+    eval_compare_base: bool = Field(True, description="r1tune eval: also score the base model on the same prompts and report the differences.")
+    do_sample: bool = Field(False, description="Generation: sample instead of greedy decoding.")
+    temperature: float = Field(0.7, gt=0.0, description="Generation: sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Generation: nucleus sampling share (with do_sample).")
+    eval_mc_file: Optional[str] = Field(None, description="r1tune eval: a multiple-choice file (MMLU / C-Eval style JSONL: question, choices, answer) scored by log-likelihood; 'bundled' uses r1tune's small sample.")
+    eval_mc_shots: int = Field(0, ge=0, description="r1tune eval: solved examples put before each multiple-choice question (few-shot).")
+    eval_robustness: Optional[str] = Field(None, description="r1tune eval: comma-separated perturbations of the prompts (typos, synonyms, char_noise, distractor, or 'all'); accuracy under each is reported beside clean accuracy.")
+    eval_robustness_rate: float = Field(0.1, ge=0.0, le=1.0, description="r1tune eval: share of words / characters a perturbation touches.")
+    eval_thresholds: Optional[list[str]] = Field(None, description="r1tune eval: gates like 'bleu4 >= 0.45', 'ppl_drop >= 0.35', 'f1_gain >= 0.15', 'robust_accuracy >= 0.88'; any FAIL makes the command exit with code 1.")
+    eval_output_dir: Optional[str] = Field(None, description="r1tune eval: where predictions and the report go; empty: OUTPUT_DIR/eval.")
     # --- logging and checkpoints -----------------------------------------------
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")

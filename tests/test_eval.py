@@ -1,0 +1,90 @@
+"""`r1tune eval`: report files, thresholds (exit 1 on FAIL), config errors, robustness and multiple choice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from r1tune.config import validate_config
+from r1tune.errors import UserError
+from r1tune.evaluation.report import derived, judge, parse_thresholds
+from r1tune.evaluation.run import run_eval
+from r1tune.train.stages.sft import run_sft
+from tests.conftest import make_cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_qwen, tmp_path_factory):
+    """A short LoRA run on the first 64 quickstart records, 8 held out."""
+    from tests.conftest import PARITY
+
+    folder = tmp_path_factory.mktemp("eval")
+    data = folder / "data.jsonl"
+    data.write_text("\n".join(PARITY.read_text(encoding="utf-8").splitlines()[:64]) + "\n", encoding="utf-8")
+    raw = dict(val_size=8, max_steps=6, bf16=False, max_new_tokens=12)
+    run_sft(make_cfg(tiny_qwen, data, folder / "out", **raw))
+    return tiny_qwen, data, folder / "out", raw
+
+
+def eval_cfg(trained, **keys):
+    model, data, out, raw = trained
+    return make_cfg(model, data, out, **{**raw, **keys})
+
+
+def test_report_predictions_and_a_passing_gate(trained):
+    code = run_eval(eval_cfg(trained, eval_thresholds=["perplexity > 0", "exact_match >= 0"]))
+    folder = trained[2] / "eval"
+    report = json.loads((folder / "eval_report.json").read_text())
+    assert code == 0 and report["passed"]
+    for key in ("perplexity", "bleu4", "rouge_l", "exact_match", "accuracy", "f1_macro", "f1_micro", "reasoning_tokens"):
+        assert key in report["tuned"] and key in report["base"]
+    assert "ppl_drop" in report["derived"] and "| threshold |" in (folder / "eval_report.md").read_text()
+    assert len((folder / "predictions_base.jsonl").read_text().splitlines()) == 8
+
+
+def test_a_failing_threshold_exits_1_from_the_cli(trained, tmp_path):
+    model, data, out, raw = trained
+    config = tmp_path / "run.yaml"
+    keys = {**raw, "model_name_or_path": str(model), "dataset": str(data), "output_dir": str(out),
+            "cutoff_len": 96, "seed": 7, "eval_compare_base": False, "eval_thresholds": ["bleu4 >= 0.999"]}
+    config.write_text(json.dumps(keys), encoding="utf-8")  # JSON is YAML
+    proc = subprocess.run([sys.executable, "-m", "r1tune", "eval", str(config)], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "FAIL bleu4 >= 0.999" in proc.stdout
+
+
+def test_threshold_parsing_and_unknown_metrics():
+    gates = parse_thresholds(["bleu4 >= 0.45", "f1_gain>=0.15", "ppl_drop > 0.35"])
+    assert [(g.metric, g.op, g.value) for g in gates] == [("bleu4", ">=", 0.45), ("f1_macro_gain", ">=", 0.15),
+                                                          ("ppl_drop", ">", 0.35)]
+    with pytest.raises(UserError, match="not 'metric >= number'"):
+        parse_thresholds(["bleu4 at least 0.4"])
+    tuned, base = {"perplexity": 4.0, "f1_macro": 0.8}, {"perplexity": 10.0, "f1_macro": 0.5}
+    gains = derived(tuned, base)
+    assert gains == pytest.approx({"ppl_drop": 0.6, "f1_macro_gain": 0.3})
+    assert [g.passed for g in judge(gates[1:], tuned, gains)] == [True, True]
+    with pytest.raises(UserError, match="did not measure; measured: f1_macro, f1_macro_gain"):
+        judge(parse_thresholds(["rouge_l >= 0.1"]), {"f1_macro": 0.8}, {"f1_macro_gain": 0.3})
+
+
+def test_eval_needs_a_trained_output_dir(tiny_qwen, parity_file, tmp_path):
+    with pytest.raises(UserError, match="holds no trained model"):
+        run_eval(make_cfg(tiny_qwen, parity_file, tmp_path / "nothing", val_size=8))
+
+
+def test_robustness_and_multiple_choice_are_reported(trained):
+    code = run_eval(eval_cfg(trained, eval_compare_base=False, eval_robustness="all", eval_mc_file="bundled",
+                             eval_thresholds=["robust_accuracy >= 0"]))
+    report = json.loads((trained[2] / "eval" / "eval_report.json").read_text())["tuned"]
+    assert code == 0
+    for kind in ("typos", "synonyms", "char_noise", "distractor"):
+        assert 0.0 <= report[f"robust_accuracy_{kind}"] <= 1.0
+    assert 0.0 <= report["mc_accuracy"] <= 1.0 and "robust_drop" in report
+
+
+def test_threshold_config_values_are_strings():
+    with pytest.raises(UserError, match="eval_thresholds"):
+        validate_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "eval_thresholds": "bleu4>=1"})
