@@ -29,8 +29,7 @@ def load_prompts(n: int, tokenizer) -> list[str]:
     from r1tune.data.encode import generation_prompt
 
     rows = [json.loads(line) for line in (ROOT / "examples" / "data" / "parity.jsonl").read_text().splitlines()[-n:]]
-    conversations = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
-                     for r in rows]
+    conversations = [r["messages"] for r in rows]
     return [generation_prompt(tokenizer, c, "mask") for c in conversations]
 
 

@@ -164,7 +164,15 @@ class RunConfig(BaseModel):
     # --- evaluation and stopping ----------------------------------------------
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (needs val_size > 0); empty evaluates only at the end.")
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without a lower eval loss.")
-    eval_generate_samples: int = Field(0, ge=0, description="Before and after training, generate answers for this many validation prompts and report exact-match accuracy.")
+    eval_generate_samples: int = Field(0, ge=0, description="Before and after training, generate answers for this many validation prompts and report exact-match accuracy; with generate_metrics_steps also during training.")
+    generate_metrics_steps: Optional[int] = Field(None, ge=1, description="Every N steps, generate answers for eval_generate_samples (default 16) validation prompts and log exact match, accuracy, BLEU-4 and ROUGE-L (trainer_log.jsonl and TensorBoard); these metrics then count for metric_for_best_model.")
+    metric_for_best_model: str = Field("loss", description="What early stopping and lr_plateau_patience watch at each evaluation: loss, perplexity, or (with generate_metrics_steps) exact_match, accuracy, bleu4, rouge_l.")
+    greater_is_better: Optional[bool] = Field(None, description="Whether a larger metric_for_best_model is better; empty: false for loss/perplexity, true otherwise.")
+    lr_plateau_patience: Optional[int] = Field(None, ge=1, description="Multiply the learning rate by lr_plateau_factor after this many evaluations without improvement of metric_for_best_model.")
+    lr_plateau_factor: float = Field(0.5, gt=0.0, lt=1.0, description="Learning-rate factor applied on each plateau.")
+    grad_norm_alarm: Literal["off", "warn", "stop"] = Field("warn", description="Per-layer gradient norms are tracked every step (logged every logging_steps); when one rises above grad_norm_alarm_std standard deviations of its running history: 'warn' prints and logs it, 'stop' also saves a checkpoint and stops.")
+    grad_norm_alarm_std: float = Field(3.0, gt=0.0, description="The alarm band, in standard deviations of the last 100 steps (after 10 steps of warmup).")
+    update_heatmap: Optional[bool] = Field(None, description="Track each module group's relative update size ||dW||/||W|| and write update_heatmap.png (module group x step) at the end. Empty: on when under 10% of the weights train (it keeps a copy of the trainable weights at sampled steps).")
     max_new_tokens: int = Field(128, ge=1, description="Generation limit for eval_generate_samples.")
     # --- r1tune eval --------------------------------------------------------------
     eval_max_samples: Optional[int] = Field(200, ge=1, description="r1tune eval: score at most this many held-out conversations (eval_dataset, or the val_size split of dataset).")
@@ -207,6 +215,10 @@ class RunConfig(BaseModel):
                              "turn off packing / long_samples: chunk (or the augment_* keys)")
         if self.balance_classes and self.use_packing:
             raise ValueError("'balance_classes' re-draws samples every epoch and cannot be combined with packing; turn one off")
+        if self.generate_metrics_steps and self.val_size == 0 and not self.eval_dataset:
+            raise ValueError("'generate_metrics_steps' needs held-out data; set val_size (e.g. 0.1) or eval_dataset")
+        if self.lr_plateau_patience and not self.eval_steps:
+            raise ValueError("'lr_plateau_patience' needs 'eval_steps' (how often to evaluate)")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("'early_stopping_patience' needs 'eval_steps' (how often to evaluate)")
         check_method_options(self, (info.context or {}).get("source", "config"))

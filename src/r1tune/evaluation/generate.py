@@ -57,3 +57,16 @@ def exact_match(model, tokenizer, conversations: list[Conversation], max_new_tok
         correct += answer_of(text, prompt) == expected
         samples.append((conv[-2]["content"], expected, text))
     return GenerationScore(correct / max(len(texts), 1), correct, len(texts), samples)
+
+
+def generation_metrics(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
+                       empty_think: str = "mask", batch_size: int = 8) -> dict:
+    """Exact match, BLEU-4 and ROUGE-L of the generated final answers (the model is left in eval mode)."""
+    from r1tune.evaluation import metrics
+
+    prompts = [generation_prompt(tokenizer, c, empty_think) for c in conversations]
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size)
+    answers = [answer_of(t, p) for t, p in zip(texts, prompts)]
+    references = [split_reasoning(c[-1]["content"])[1] for c in conversations]
+    return {"exact_match": metrics.exact_match(answers, references), "accuracy": metrics.accuracy(answers, references),
+            "bleu4": metrics.bleu4(answers, references), "rouge_l": metrics.rouge_l(answers, references)}

@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,8 +29,9 @@ RNG_FILE = "rng_state.safetensors"
 @dataclass
 class TrainerState:
     global_step: int = 0
-    best_eval_loss: float | None = None
+    best_eval_loss: float | None = None  # kept so checkpoints of earlier versions still load
     evals_without_improvement: int = 0
+    watch: dict = field(default_factory=dict)  # TrainingWatch state: early stopping and lr plateau
 
 
 def atomic_dir(final: Path):

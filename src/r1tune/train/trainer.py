@@ -30,6 +30,7 @@ from r1tune.train.chunked_loss import chunked_loss_sum, plain_head
 from r1tune.train.logs import MetricsLog
 from r1tune.train.losses import causal_lm_loss_sum
 from r1tune.train.memory import checkpointing_decision, release_free_memory
+from r1tune.train.watch import TrainingWatch
 
 
 @dataclass
@@ -93,7 +94,7 @@ def choose_loss_path(model, chunked: bool | None):
 
 class Trainer:
     def __init__(self, model, cfg, train: list[Example], val: list[Example], pad_id: int, output_dir: Path,
-                 epoch_examples=None, no_decay_names: frozenset[str] = frozenset()):
+                 epoch_examples=None, no_decay_names: frozenset[str] = frozenset(), generation=None):
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.pad_id, self.output_dir = pad_id, output_dir
         self.attn = mask_format(getattr(model.config, "_attn_implementation", None))
@@ -114,6 +115,8 @@ class Trainer:
             cfg.loraplus_lr_embedding, no_decay_names)
         self.adalora = is_adalora(model)
         self.total = total_steps(cfg, len(train))
+        self.watch = TrainingWatch(model, cfg, self.total, generation)  # alarms, plateau, early stopping
+        self.log: MetricsLog | None = None
         self.warmup = schedule.warmup_steps(self.total, cfg.warmup_steps, cfg.warmup_ratio)
         self.state = TrainerState()
         self.bf16 = use_bf16(cfg.bf16, cfg.fp16, self.device)
@@ -134,6 +137,7 @@ class Trainer:
         if self.unfreezer:  # the checkpoint's optimizer has a group for every stage unfrozen before its step
             self._unfreeze(checkpoint.read_step(path) - 1)
         self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer)
+        self.watch.load_state_dict(self.state.watch)
 
     def _unfreeze(self, step: int, log: MetricsLog | None = None) -> None:
         """Apply schedule entries due by `step`: their new parameters join the optimizer as new groups."""
@@ -155,7 +159,8 @@ class Trainer:
                    "tensors": len(new)})
 
     def fit(self) -> TrainResult:
-        log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none", start_step=self.state.global_step)
+        log = self.log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none",
+                                    start_step=self.state.global_step)
         if self.unfreezer and self.state.global_step == 0:  # what was unfrozen before the first step
             for entry, new in self.unfrozen:
                 self._log_unfreeze(log, 0, entry, new)
@@ -179,15 +184,22 @@ class Trainer:
                 step = self.state.global_step
                 if step % self.cfg.logging_steps == 0 or step == self.total:
                     last_loss = self._log_train(log, window, grad_norm, bar)
+                self.watch.maybe_generate(step, log)
                 if self.val_set and self.cfg.eval_steps and step % self.cfg.eval_steps == 0 and step < self.total:
                     eval_loss = self._log_eval(log)
-                    stopped = self._should_stop(eval_loss)
-                if step % self.cfg.save_steps == 0 and step < self.total and not stopped:
+                    stopped = self.watch.after_eval(step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}, log)
+                if self.watch.alarmed:
+                    tqdm.write("grad_norm_alarm is 'stop': saving a checkpoint and stopping")
+                    stopped = True
+                if (step % self.cfg.save_steps == 0 and step < self.total and not stopped) or self.watch.alarmed:
+                    self.state.watch = self.watch.state_dict()
                     checkpoint.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state, self.cfg.save_total_limit)
         finally:
             bar.close()
         if self.val_set and not stopped:
             eval_loss = self._log_eval(log)
+        if png := self.watch.finish(self.output_dir):
+            tqdm.write(f"update heatmap: {png}")
         log.close()
         return TrainResult(self.state.global_step, last_loss, eval_loss, stopped, busy, trained_tokens)
 
@@ -246,17 +258,22 @@ class Trainer:
 
     def _apply_update(self, step: int) -> float:
         lr = self.cfg.learning_rate * schedule.lr_factor(step, self.total, self.warmup, self.cfg.lr_scheduler_type)
+        lr *= self.watch.lr_scale
         optimizers.set_learning_rate(self.optimizer, lr)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        if self.log is not None:  # per-layer norms after unscaling, before clipping
+            self.watch.after_backward(step, self.log)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.watch.before_update(step)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        self.watch.after_update(step)
         if self.adalora:
             update_ranks(self.model, step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,7 +285,7 @@ class Trainer:
         tps = window["tokens"] / max(elapsed, 1e-9)
         record = {"split": "train", "step": self.state.global_step, "loss": round(loss, 6),
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 6),
-                  "tokens_per_s": round(tps, 1), "epoch": round(self._epoch(), 4)}
+                  "tokens_per_s": round(tps, 1), "epoch": round(self._epoch(), 4), **self.watch.grad_norms()}
         log.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
         window.update(loss=0.0, steps=0, tokens=0, start=time.perf_counter())
@@ -280,18 +297,6 @@ class Trainer:
         log.write({"split": "eval", "step": self.state.global_step, "loss": round(loss, 6), "perplexity": round(ppl, 4)})
         tqdm.write(f"step {self.state.global_step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
         return loss
-
-    def _should_stop(self, eval_loss: float) -> bool:
-        best = self.state.best_eval_loss
-        if best is None or eval_loss < best:
-            self.state.best_eval_loss, self.state.evals_without_improvement = eval_loss, 0
-            return False
-        self.state.evals_without_improvement += 1
-        patience = self.cfg.early_stopping_patience
-        if patience and self.state.evals_without_improvement >= patience:
-            tqdm.write(f"early stopping: eval loss has not improved for {patience} evaluations")
-            return True
-        return False
 
     def _epoch(self) -> float:
         return self.state.global_step / self.plan.per_epoch

@@ -19,7 +19,7 @@ from r1tune.data.dataset import prepare_data, write_skipped
 from r1tune.data.epochs import augmented_epochs
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
-from r1tune.evaluation.generate import GenerationScore, exact_match
+from r1tune.evaluation.generate import GenerationScore, exact_match, generation_metrics
 from r1tune.fileio import write_text_atomic
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
 from r1tune.models.adalora import is_adalora, rank_allocation, write_rank_report
@@ -37,7 +37,7 @@ from r1tune.train.trainer import TrainResult, Trainer, check_precision, pick_dev
 from r1tune.ui import console, print_comparison
 
 FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml", BOTTLENECK_CONFIG)
-RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "eval_results.json", "r1tune_config.yaml",
+RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "update_heatmap.png", "eval_results.json", "r1tune_config.yaml",
                  "skipped_records.jsonl", "adalora_ranks.json", "adalora_ranks.png", BOTTLENECK_CONFIG,
                  BOTTLENECK_WEIGHTS, EXPERT_LOAD_FILE,
                  "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
@@ -124,7 +124,7 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     experts = select_experts(model, cfg, data, tokenizer.pad_token_id, new_ids)
     console.print(describe_trainable(model))
     trainer = Trainer(model, cfg, data.train, data.val, tokenizer.pad_token_id, out, epochs,
-                      experts.no_decay if experts else frozenset())
+                      experts.no_decay if experts else frozenset(), training_generation(model, tokenizer, data, cfg))
     precision = "bf16 autocast" if trainer.bf16 else ("fp16 autocast" if cfg.fp16 else "fp32")
     cutting = f"cut to <= {trainer.micro_tokens} tokens" if trainer.micro_tokens else "not cut"
     console.print(f"speed: {precision}, {'length-grouped' if trainer.plan.group_by_length else 'shuffled'} batches "
@@ -155,6 +155,18 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     console.print(f"saved to {out} after {result.global_step} steps")
     result.model = model
     return result
+
+
+def training_generation(model, tokenizer, data, cfg: RunConfig):
+    """The generation metrics the trainer logs every generate_metrics_steps (None when not asked for)."""
+    if not cfg.generate_metrics_steps:
+        return None
+    conversations = data.val_conversations[: cfg.eval_generate_samples or 16]
+
+    def measure() -> dict:
+        return generation_metrics(model, tokenizer, conversations, cfg.max_new_tokens, cfg.empty_think,
+                                  cfg.per_device_eval_batch_size)
+    return measure
 
 
 def _measure(trainer: Trainer, tokenizer, conversations, cfg, eval_loss: float | None = None) -> dict:
