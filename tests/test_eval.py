@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from r1tune.config import validate_config
 from r1tune.errors import UserError
@@ -88,3 +89,15 @@ def test_robustness_and_multiple_choice_are_reported(trained):
 def test_threshold_config_values_are_strings():
     with pytest.raises(UserError, match="eval_thresholds"):
         validate_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "eval_thresholds": "bleu4>=1"})
+
+
+def test_sampling_settings_reach_generation(trained):
+    from r1tune.evaluation.generate import generate_texts
+    from r1tune.serve.chat import load_for_chat
+
+    model, tokenizer = load_for_chat(str(trained[2]))
+    prompts = ["<｜User｜>Is 12 even or odd?<｜Assistant｜>"] * 4
+    greedy = generate_texts(model, tokenizer, prompts, 12)
+    torch.manual_seed(0)
+    hot = generate_texts(model, tokenizer, prompts, 12, sampling={"temperature": 5.0, "top_p": 1.0})
+    assert len(set(greedy)) == 1 and len(set(hot)) > 1  # greedy repeats itself; hot sampling does not

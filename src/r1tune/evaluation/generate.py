@@ -28,8 +28,11 @@ def answer_of(generated: str, prompt: str) -> str:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy continuations of rendered prompts (left-padded batches)."""
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+                   sampling: dict | None = None) -> list[str]:
+    """Continuations of rendered prompts in left-padded batches with the KV cache: greedy, or sampled
+    with `sampling` = {"temperature": ..., "top_p": ...} (seed torch first for repeatable samples)."""
+    options = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
     device = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -38,7 +41,7 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, **options,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -54,13 +54,17 @@ def derived(tuned: dict, base: dict | None) -> dict:
     if tuned.get("perplexity") and base.get("perplexity"):
         out["ppl_drop"] = (base["perplexity"] - tuned["perplexity"]) / base["perplexity"]
     for key, value in tuned.items():
-        if key in base and key != "perplexity" and _is_score(value) and _is_score(base[key]):
+        if key in base and _higher_is_better(key) and _is_score(value) and _is_score(base[key]):
             out[f"{key}_gain"] = value - base[key]
     return out
 
 
 def _is_score(value) -> bool:
     return isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+def _higher_is_better(key: str) -> bool:
+    return not key.endswith("_drop")  # robust_drop: the accuracy lost under perturbation
 
 
 def judge(gates: list[Gate], tuned: dict, gains: dict, source: str = "config") -> list[Gate]:
@@ -114,7 +118,7 @@ def markdown(tuned: dict, base: dict | None, gains: dict, gates: list[Gate]) -> 
 
 def plot(tuned: dict, base: dict | None, png: Path) -> Path | None:
     """Grouped bars of the [0, 1] scores (base vs tuned), perplexity in its own panel."""
-    scores = [k for k, v in tuned.items() if _is_score(v)]
+    scores = [k for k, v in tuned.items() if _is_score(v) and _higher_is_better(k)]
     if not scores:
         return None
     import matplotlib
