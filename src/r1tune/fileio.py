@@ -23,3 +23,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temp file beside `path`, then rename: readers never see half a file."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically, then close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+    return Path(path)

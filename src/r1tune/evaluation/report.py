@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1tune.errors import UserError
-from r1tune.fileio import write_text_atomic
+from r1tune.fileio import save_figure, write_text_atomic
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 THRESHOLD = re.compile(r"\s*([A-Za-z_][\w]*)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*")
@@ -147,8 +147,4 @@ def plot(tuned: dict, base: dict | None, png: Path) -> Path | None:
         axes[1].set_yscale("log")
         axes[1].set_title("perplexity (lower)")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return save_figure(fig, png)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from r1tune.fileio import write_text_atomic
+from r1tune.fileio import save_figure, write_text_atomic
 
 
 def adalora_config(cfg, targets, total_steps: int):
@@ -97,8 +97,4 @@ def plot_ranks(ranks: dict[str, int], init_r: int, png: Path) -> Path | None:
     ax.set_title("AdaLoRA rank allocation per module")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return save_figure(fig, png)
