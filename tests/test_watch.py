@@ -46,7 +46,7 @@ def test_no_alarm_without_a_spike(tiny_qwen, parity_file, tmp_path):
 
 def test_generation_metrics_plateau_and_early_stopping_on_a_metric(tiny_qwen, parity_file, tmp_path):
     out = tmp_path / "out"
-    result = run_sft(make_cfg(tiny_qwen, parity_file, out, max_steps=12, val_size=8, eval_steps=2,
+    result = run_sft(make_cfg(tiny_qwen, parity_file, out, max_steps=12, val_size=8, eval_steps=2, report_to="tensorboard",
                               generate_metrics_steps=2, eval_generate_samples=4, max_new_tokens=6,
                               metric_for_best_model="exact_match", early_stopping_patience=3,
                               lr_plateau_patience=1, lr_plateau_factor=0.5, bf16=False))
@@ -57,6 +57,11 @@ def test_generation_metrics_plateau_and_early_stopping_on_a_metric(tiny_qwen, pa
     assert plateaus[:2] == [0.5, 0.25]  # an untrained tiny model never improves exact match past its first value
     assert result.stopped_early and result.global_step == 8  # best at step 2, then 3 evaluations without
     assert (out / "update_heatmap.png").stat().st_size > 1000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "runs")).Reload()
+    assert "update_heatmap" in events.Tags()["images"]
+    assert {"generate/exact_match", "plateau/lr_scale", "train/grad_norm/layers.1"} <= set(events.Tags()["scalars"])
 
 
 def test_watch_state_is_checkpointed(tiny_qwen, parity_file, tmp_path):

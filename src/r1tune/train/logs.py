@@ -29,6 +29,13 @@ class MetricsLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self.writer.add_scalar(f"{record.get('split', 'train')}/{key}", value, step)
 
+    def add_png(self, tag: str, png: Path, step: int) -> None:
+        """Show a PNG written to disk (e.g. the update heatmap) in TensorBoard's Images tab too."""
+        if self.writer is not None:
+            import matplotlib.image
+
+            self.writer.add_image(tag, matplotlib.image.imread(png)[..., :3], step, dataformats="HWC")
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

@@ -200,6 +200,7 @@ class Trainer:
             eval_loss = self._log_eval(log)
         if png := self.watch.finish(self.output_dir):
             tqdm.write(f"update heatmap: {png}")
+            log.add_png("update_heatmap", png, self.state.global_step)
         log.close()
         return TrainResult(self.state.global_step, last_loss, eval_loss, stopped, busy, trained_tokens)
 
