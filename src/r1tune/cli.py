@@ -16,6 +16,9 @@ from r1tune.errors import UserError
 EXAMPLES = {
     "train": "example: r1tune train examples/quickstart.yaml learning_rate=1e-4 max_steps=50",
     "chat": "example: r1tune chat outputs/quickstart --prompt \"Is 4827 even or odd?\"",
+    "export": "example: r1tune export examples/quickstart.yaml export_dir=outputs/quickstart-merged",
+    "serve": "example: r1tune serve examples/quickstart.yaml --port 8000\n"
+             "example: R1TUNE_API_KEY=secret r1tune serve examples/quickstart.yaml --host 0.0.0.0",
     "eval": "example: r1tune eval examples/quickstart.yaml\n"
             "example: r1tune eval examples/quickstart.yaml eval_thresholds='[\"accuracy >= 0.8\"]'",
     "tiny": "example: r1tune tiny models/tiny-deepseek --arch deepseek_v3",
@@ -39,6 +42,24 @@ def cmd_eval(args) -> int:
     from r1tune.evaluation.run import run_eval
 
     return run_eval(load_config(args.config, args.overrides))
+
+
+def cmd_export(args) -> int:
+    from r1tune.config import load_config
+    from r1tune.export.run import run_export
+
+    return run_export(load_config(args.config, args.overrides))
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from r1tune.config import load_config
+    from r1tune.serve.server import serve
+
+    cfg = load_config(args.config, args.overrides)
+    serve(cfg, args.host, args.port, os.environ.get("R1TUNE_API_KEY"))
+    return 0
 
 
 def _data_setup(args):
@@ -153,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "exact match, accuracy, F1, robustness, multiple choice; exit 1 when a threshold fails.", cmd_eval)
     p.add_argument("config", help="the YAML run file that trained the model (keys: docs/config.md)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+
+    p = add("export", "Merge the trained adapter into its base and save a plain transformers model (sharded "
+                      "safetensors, tokenizer, model card); exit 1 if its logits differ from the unmerged model.",
+            cmd_export)
+    p.add_argument("config", help="the YAML run file that trained the model (keys: docs/config.md)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+
+    p = add("serve", "Serve the trained model over an OpenAI-compatible HTTP API (/v1/chat/completions with "
+                     "reasoning_content, /v1/completions, /v1/models, /predict, /health, /metrics).", cmd_serve)
+    p.add_argument("config", help="the YAML run file that trained the model")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
 
     p = add("chat", "Chat with a trained output dir (adapter or full model); reasoning is shown apart from the answer.", cmd_chat)
     p.add_argument("dir", help="an r1tune output_dir, or any model folder")

@@ -186,6 +186,13 @@ class RunConfig(BaseModel):
     eval_robustness_rate: float = Field(0.1, ge=0.0, le=1.0, description="r1tune eval: share of words / characters a perturbation touches.")
     eval_thresholds: Optional[list[str]] = Field(None, description="r1tune eval: gates like 'bleu4 >= 0.45', 'ppl_drop >= 0.35', 'f1_gain >= 0.15', 'robust_accuracy >= 0.88'; any FAIL makes the command exit with code 1.")
     eval_output_dir: Optional[str] = Field(None, description="r1tune eval: where predictions and the report go; empty: OUTPUT_DIR/eval.")
+    # --- r1tune export -----------------------------------------------------------
+    export_dir: Optional[str] = Field(None, description="r1tune export: where the merged model, tokenizer, generation config and model card go; empty: OUTPUT_DIR/merged.")
+    export_size: float = Field(5.0, gt=0, description="r1tune export: largest safetensors shard in GB (LLaMA-Factory's key).")
+    export_legacy_format: bool = Field(False, description="LLaMA-Factory's key for .bin files; r1tune writes safetensors only, so it must stay false.")
+    export_onnx: bool = Field(False, description="r1tune export: also write merged/onnx/model.onnx (logits of a full-sequence forward, no KV cache), validated with onnxruntime against PyTorch.")
+    export_gguf: bool = Field(False, description="r1tune export: also write merged/model.gguf (f16) and an Ollama Modelfile with the R1 template and stop tokens (Qwen2 and Llama architectures).")
+    model_license: Optional[str] = Field(None, description="r1tune export: the license field of the model card (e.g. mit, apache-2.0); empty: 'other', to be filled in.")
     # --- logging and checkpoints -----------------------------------------------
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
@@ -219,6 +226,9 @@ class RunConfig(BaseModel):
             raise ValueError("'generate_metrics_steps' needs held-out data; set val_size (e.g. 0.1) or eval_dataset")
         if self.lr_plateau_patience and not self.eval_steps:
             raise ValueError("'lr_plateau_patience' needs 'eval_steps' (how often to evaluate)")
+        if self.export_legacy_format:
+            raise ValueError("'export_legacy_format' asks for pickle-based .bin files; r1tune writes safetensors only "
+                             "(safe to load anywhere), so remove the key or set it false")
         if self.early_stopping_patience and not self.eval_steps:
             raise ValueError("'early_stopping_patience' needs 'eval_steps' (how often to evaluate)")
         check_method_options(self, (info.context or {}).get("source", "config"))

@@ -20,9 +20,10 @@ from r1tune.models.quantize import quantization_config
 DIM, RESET = "\033[2m", "\033[0m"
 
 
-def load_for_chat(folder: str):
+def load_for_chat(folder: str, quantized: bool = True):
     """(model, tokenizer) from an r1tune output dir: base + PEFT adapter (LoRA, AdaLoRA, virtual tokens),
-    base + bottleneck adapters, or a full model. A QLoRA adapter gets its base quantized as in training."""
+    base + bottleneck adapters, or a full model. A QLoRA adapter gets its base quantized as in training
+    (quantized=False: in full precision, e.g. to merge it)."""
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"'{folder}' is not a folder; pass an r1tune output_dir or a model folder")
@@ -32,7 +33,7 @@ def load_for_chat(folder: str):
     if base is None:
         return load_model(str(path)), tokenizer
     run = training_config(path)
-    model = load_model(base, quantization=training_quantization(run))
+    model = load_model(base, quantization=training_quantization(run) if quantized else None)
     model = merge_adapters(model, merged_adapters(run.get("adapter_name_or_path"), run.get("create_new_adapter", False)))
     if bottleneck:
         return load_bottleneck(model, path), tokenizer

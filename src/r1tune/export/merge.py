@@ -1,0 +1,90 @@
+"""Merge a trained adapter into its base and save a plain transformers model, with a parity check.
+
+The merged folder holds sharded safetensors, the tokenizer with its chat template and the
+generation config, so `AutoModelForCausalLM.from_pretrained(folder)` needs nothing from r1tune.
+The check reloads that folder with plain transformers and compares its logits with r1tune's
+unmerged model on a fixed batch (fp32); the command fails when they differ by more than 1e-4.
+The folder is written beside its final place and renamed into it, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from r1tune.errors import UserError
+from r1tune.export.modelcard import read_json
+from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
+from r1tune.train.checkpoint import atomic_dir, commit_dir
+
+PARITY_LIMIT = 1e-4
+
+
+@dataclass
+class MergeResult:
+    folder: Path
+    max_abs_diff: float
+    shards: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= PARITY_LIMIT
+
+
+def check_mergeable(folder: Path) -> None:
+    if (folder / BOTTLENECK_CONFIG).is_file():
+        raise UserError(f"'{folder}' holds bottleneck adapters, which add a nonlinear block and cannot be merged into "
+                        "the base weights; serve the base model with the adapter folder instead (r1tune serve/chat)")
+    peft_type = (read_json(folder / "adapter_config.json") or {}).get("peft_type", "")
+    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
+        raise UserError(f"'{folder}' holds a {peft_type.lower()} adapter: virtual tokens are not weights and cannot be "
+                        "merged into the base; serve the base with the adapter folder instead (r1tune serve/chat)")
+    if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise UserError(f"'{folder}' holds no trained model (no adapter_config.json or config.json); "
+                        "run 'r1tune train' first or point output_dir at a finished run")
+
+
+def probe_batch(vocab_size: int, seed: int = 0) -> dict:
+    """A fixed batch with one padded row, for comparing logits."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, min(vocab_size, 1000), (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@torch.no_grad()
+def logits_of(model, batch: dict) -> torch.Tensor:
+    model.eval()
+    out = model(**batch, use_cache=False).logits.float()
+    return out * batch["attention_mask"][..., None]  # padded positions do not count
+
+
+def merge_to_folder(model, tokenizer, final: Path, shard_gb: float, extra_files: dict[str, str] | None = None) -> MergeResult:
+    """Merge (PEFT adapters) or keep (a full model), save to `final` with `extra_files` (name -> text),
+    reload with plain transformers, compare."""
+    from transformers import AutoModelForCausalLM
+
+    from r1tune.models.methods import exact_lora_targets
+
+    batch = probe_batch(model.config.vocab_size)
+    expected = logits_of(model, batch)
+    merged = model.merge_and_unload() if hasattr(model, "peft_config") else model
+    tmp = atomic_dir(final)
+    try:
+        with exact_lora_targets():
+            merged.save_pretrained(tmp, max_shard_size=f"{int(shard_gb * 1024)}MB", safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+        diff = (logits_of(reloaded, batch) - expected).abs().max().item()
+        shards = len(list(tmp.glob("*.safetensors")))
+        commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(final, diff, shards)
