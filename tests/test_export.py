@@ -60,8 +60,11 @@ def test_onnx_and_gguf_copies_of_the_merged_model(tiny_qwen, parity_file, tmp_pa
     out, merged = tmp_path / "out", tmp_path / "merged"
     run_method(tiny_qwen, parity_file, out, lora_rank=4, learning_rate=3e-3)
     cfg = validate_config({"model_name_or_path": str(tiny_qwen), "dataset": str(parity_file), "output_dir": str(out),
-                           "export_dir": str(merged), "export_onnx": True, "export_gguf": True})
+                           "export_dir": str(merged), "export_onnx": True, "export_gguf": True, "export_int8": True})
     assert run_export(cfg) == 0
+    from r1tune.export.int8 import load_int8
+
+    assert (merged / "int8" / "model.safetensors").is_file() and load_int8(merged / "int8") is not None
     assert (merged / "onnx" / "model.onnx").is_file()
     summary = read_gguf_summary(merged / "model.gguf")
     assert summary["architecture"] == "qwen2" and summary["has_chat_template"]

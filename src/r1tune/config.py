@@ -191,6 +191,7 @@ class RunConfig(BaseModel):
     export_size: float = Field(5.0, gt=0, description="r1tune export: largest safetensors shard in GB (LLaMA-Factory's key).")
     export_legacy_format: bool = Field(False, description="LLaMA-Factory's key for .bin files; r1tune writes safetensors only, so it must stay false.")
     export_onnx: bool = Field(False, description="r1tune export: also write merged/onnx/model.onnx (logits of a full-sequence forward, no KV cache), validated with onnxruntime against PyTorch.")
+    export_int8: bool = Field(False, description="r1tune export: also write merged/int8 (int8 weights + per-channel scales in safetensors, activations quantized on the fly; for CPU inference) and report its size, tokens/s and perplexity against the fp32 model.")
     export_gguf: bool = Field(False, description="r1tune export: also write merged/model.gguf (f16) and an Ollama Modelfile with the R1 template and stop tokens (Qwen2 and Llama architectures).")
     model_license: Optional[str] = Field(None, description="r1tune export: the license field of the model card (e.g. mit, apache-2.0); empty: 'other', to be filled in.")
     # --- logging and checkpoints -----------------------------------------------

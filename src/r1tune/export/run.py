@@ -33,7 +33,18 @@ def run_export(cfg: RunConfig) -> int:
         passed &= export_onnx_copy(final)
     if cfg.export_gguf:
         export_gguf_copy(final, tokenizer)
+    if cfg.export_int8:
+        export_int8_copy(final)
     return 0 if passed else 1
+
+
+def export_int8_copy(final: Path) -> None:
+    from r1tune.export.int8 import quantize_int8
+
+    r = quantize_int8(final, final / "int8")
+    console.print(f"int8: {r.path} ({r.size_bytes / 2**20:,.1f} MB vs {r.fp32_size_bytes / 2**20:,.1f} MB fp32), "
+                  f"{r.tokens_per_s:,.0f} vs {r.fp32_tokens_per_s:,.0f} tokens/s greedy, {r.metric_name} "
+                  f"{r.metric:.3f} vs {r.fp32_metric:.3f} ({(r.metric / r.fp32_metric - 1) * 100:+.1f} %)")
 
 
 def export_onnx_copy(final: Path) -> bool:
