@@ -166,25 +166,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    p = add("train", "Fine-tune a model as described by a YAML run file (LoRA, full or freeze).", cmd_train)
-    p.add_argument("config", help="YAML run file (keys: docs/config.md)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    def add_run(name, help_text, func, config_help="the YAML run file that trained the model (keys: docs/config.md)"):
+        """A command that takes a run file and key=value overrides."""
+        p = add(name, help_text, func)
+        p.add_argument("config", help=config_help)
+        p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+        return p
 
-    p = add("eval", "Score the trained model (and the base) on held-out data: perplexity, BLEU-4, ROUGE-L, "
+    add_run("train", "Fine-tune a model as described by a YAML run file (LoRA and its variants, QLoRA, AdaLoRA, "
+                     "virtual tokens, bottleneck adapters, freeze, full, MoE expert selection).", cmd_train,
+            "YAML run file (keys: docs/config.md)")
+    add_run("eval", "Score the trained model (and the base) on held-out data: perplexity, BLEU-4, ROUGE-L, "
                     "exact match, accuracy, F1, robustness, multiple choice; exit 1 when a threshold fails.", cmd_eval)
-    p.add_argument("config", help="the YAML run file that trained the model (keys: docs/config.md)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
-
-    p = add("export", "Merge the trained adapter into its base and save a plain transformers model (sharded "
+    add_run("export", "Merge the trained adapter into its base and save a plain transformers model (sharded "
                       "safetensors, tokenizer, model card); exit 1 if its logits differ from the unmerged model.",
             cmd_export)
-    p.add_argument("config", help="the YAML run file that trained the model (keys: docs/config.md)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
-
-    p = add("serve", "Serve the trained model over an OpenAI-compatible HTTP API (/v1/chat/completions with "
-                     "reasoning_content, /v1/completions, /v1/models, /predict, /health, /metrics).", cmd_serve)
-    p.add_argument("config", help="the YAML run file that trained the model")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of config keys")
+    p = add_run("serve", "Serve the trained model over an OpenAI-compatible HTTP API (/v1/chat/completions with "
+                         "reasoning_content, /v1/completions, /v1/models, /predict, /health, /metrics).", cmd_serve)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
 

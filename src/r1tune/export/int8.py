@@ -40,13 +40,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from r1tune.train.checkpoint import atomic_dir, commit_dir
 
 QUANT_FILE = "int8_quant.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -170,13 +171,10 @@ def _write_folder(model, names: list[str], model_dir: Path, tmp: Path) -> None:
 
 def save_int8(model, names: list[str], model_dir: Path, out_dir: Path) -> Path:
     """Write the quantized model to out_dir atomically (temp sibling folder, then rename)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = atomic_dir(out_dir)
     try:
         _write_folder(model, names, model_dir, tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        commit_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
