@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from r1tune.train.logs import read_log
@@ -70,3 +71,13 @@ def test_watch_state_is_checkpointed(tiny_qwen, parity_file, tmp_path):
                      early_stopping_patience=5, bf16=False))
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["watch"]["stopper"]["best"] is not None
+
+
+def test_a_metric_no_evaluation_measures_is_a_config_error():
+    from r1tune.config import validate_config
+    from r1tune.errors import UserError
+
+    base = {"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "val_size": 8, "eval_steps": 2}
+    with pytest.raises(UserError, match="'metric_for_best_model' is 'accuracy'.*generate_metrics_steps"):
+        validate_config({**base, "metric_for_best_model": "accuracy"})
+    validate_config({**base, "metric_for_best_model": "accuracy", "generate_metrics_steps": 2})

@@ -225,6 +225,12 @@ class RunConfig(BaseModel):
             raise ValueError("'balance_classes' re-draws samples every epoch and cannot be combined with packing; turn one off")
         if self.generate_metrics_steps and self.val_size == 0 and not self.eval_dataset:
             raise ValueError("'generate_metrics_steps' needs held-out data; set val_size (e.g. 0.1) or eval_dataset")
+        watched = {"loss", "perplexity"} | ({"exact_match", "accuracy", "bleu4", "rouge_l"}
+                                            if self.generate_metrics_steps else set())
+        if self.metric_for_best_model not in watched:
+            raise ValueError(f"'metric_for_best_model' is '{self.metric_for_best_model}', which no evaluation of this run "
+                             f"measures; choose one of {', '.join(sorted(watched))} (generation metrics need "
+                             "generate_metrics_steps)")
         if self.lr_plateau_patience and not self.eval_steps:
             raise ValueError("'lr_plateau_patience' needs 'eval_steps' (how often to evaluate)")
         if self.export_legacy_format:

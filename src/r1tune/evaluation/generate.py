@@ -8,7 +8,7 @@ import torch
 
 from r1tune.data.encode import generation_prompt, split_reasoning
 from r1tune.data.formats import Conversation
-from r1tune.data.templates import THINK_CLOSE, THINK_OPEN
+from r1tune.data.templates import THINK_OPEN
 
 
 @dataclass
@@ -19,12 +19,16 @@ class GenerationScore:
     samples: list[tuple[str, str, str]]  # (prompt question, expected answer, generated text)
 
 
+def with_open_think(prompt: str, generated: str) -> str:
+    """The generated text with the `<think>` the prompt opened, so the reasoning split sees it."""
+    return THINK_OPEN + generated if prompt.rstrip().endswith(THINK_OPEN) else generated
+
+
 def answer_of(generated: str, prompt: str) -> str:
     """The final answer in generated text; '' while a reasoning block the prompt opened is unclosed."""
-    opened = prompt.rstrip().endswith(THINK_OPEN)
-    if THINK_CLOSE in generated:
-        return generated.split(THINK_CLOSE)[-1].strip()
-    return "" if opened else generated.strip()
+    from r1tune.evaluation.metrics import split_answer
+
+    return split_answer(with_open_think(prompt, generated))[1]
 
 
 @torch.no_grad()

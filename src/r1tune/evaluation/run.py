@@ -22,7 +22,7 @@ from r1tune.data.encode import generation_prompt, split_reasoning
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.evaluation import metrics
-from r1tune.evaluation.generate import generate_texts
+from r1tune.evaluation.generate import answer_of, generate_texts, with_open_think
 from r1tune.evaluation.report import derived, judge, metric_rows, parse_thresholds, write_report
 from r1tune.fileio import write_text_atomic
 from r1tune.models.loading import load_model, load_tokenizer, resolve_model_path
@@ -85,9 +85,9 @@ def score_model(name: str, model, tokenizer, held: HeldOut, cfg: RunConfig, out:
     model.eval()
     scores = {"perplexity": perplexity(model, held.examples, tokenizer.pad_token_id, cfg.per_device_eval_batch_size)}
     texts = generate(model, tokenizer, held.prompts, cfg)
-    answers = [metrics.split_answer(_with_open_think(p, t))[1] for p, t in zip(held.prompts, texts)]
+    answers = [answer_of(t, p) for p, t in zip(held.prompts, texts)]
     scores.update(text_scores(answers, held.references))
-    scores["reasoning_tokens"] = sum(metrics.reasoning_tokens(_with_open_think(p, t))
+    scores["reasoning_tokens"] = sum(metrics.reasoning_tokens(with_open_think(p, t))
                                      for p, t in zip(held.prompts, texts)) / len(texts)
     write_predictions(out / f"predictions_{name}.jsonl", held, texts, answers)
     if cfg.eval_robustness:
@@ -95,11 +95,6 @@ def score_model(name: str, model, tokenizer, held: HeldOut, cfg: RunConfig, out:
     if cfg.eval_mc_file:
         scores.update(multiple_choice(model, tokenizer, cfg))
     return scores
-
-
-def _with_open_think(prompt: str, text: str) -> str:
-    """The generated text with the `<think>` the prompt opened, so split_answer sees the reasoning."""
-    return "<think>" + text if prompt.rstrip().endswith("<think>") else text
 
 
 def text_scores(answers: list[str], references: list[str]) -> dict:
@@ -134,7 +129,7 @@ def write_predictions(path: Path, held: HeldOut, texts: list[str], answers: list
     rows = []
     for conv, prompt, text, answer, ref in zip(held.conversations, held.prompts, texts, answers, held.references):
         rows.append({"question": conv[-2]["content"], "reference": ref, "output": text, "answer": answer,
-                     "reasoning_tokens": metrics.reasoning_tokens(_with_open_think(prompt, text)),
+                     "reasoning_tokens": metrics.reasoning_tokens(with_open_think(prompt, text)),
                      "exact_match": metrics.exact_match([answer], [ref]) == 1.0})
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
@@ -152,7 +147,7 @@ def robustness(model, tokenizer, held: HeldOut, cfg: RunConfig, clean: float) ->
         conversations = [_replace_question(c, q) for c, q in zip(held.conversations, texts)]
         prompts = [generation_prompt(tokenizer, c, cfg.empty_think) for c in conversations]
         outputs = generate(model, tokenizer, prompts, cfg)
-        answers = [metrics.split_answer(_with_open_think(p, t))[1] for p, t in zip(prompts, outputs)]
+        answers = [answer_of(t, p) for p, t in zip(prompts, outputs)]
         scores[f"robust_accuracy_{kind}"] = metrics.accuracy(answers, held.references)
     scores["robust_accuracy"] = sum(scores.values()) / max(len(scores), 1)
     scores["robust_drop"] = clean - scores["robust_accuracy"]

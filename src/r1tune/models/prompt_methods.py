@@ -2,8 +2,8 @@
 
 Prompt tuning and P-tuning prepend trainable embeddings to the input, so the logits have
 `num_virtual_tokens` extra positions at the front; prefix tuning prepends trainable keys
-and values to every layer's attention cache instead. `virtual_positions()` tells the
-loss how many leading positions to drop.
+and values to every layer's attention cache instead. The loss scores only the last
+labels-width positions of the logits (train/losses.py), so the virtual ones drop out.
 
 DeepSeek-V3 in transformers 5 caches MLA's compressed latent (one shared head of
 kv_lora_rank + rope width), not per-head keys and values, so PEFT's prefix tuning has no
@@ -51,10 +51,3 @@ def is_prompt_learning(model) -> bool:
     config = getattr(model, "active_peft_config", None)
     return bool(config is not None and config.is_prompt_learning)
 
-
-def virtual_positions(model) -> int:
-    """Leading logit positions that belong to virtual tokens (0 for prefix tuning and other methods)."""
-    if not is_prompt_learning(model):
-        return 0
-    config = model.active_peft_config
-    return 0 if config.peft_type.value == "PREFIX_TUNING" else config.num_virtual_tokens
