@@ -5,13 +5,17 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
+import torch
 
-from r1tune.serve.app import (ServeLimits, StopScanner, StreamSplitter, create_app, cut_at_stop,
-                              split_reasoning_output)
+from r1tune.serve.app import create_app
+from r1tune.serve.handler import ServeLimits
+from r1tune.serve.models import single
+from r1tune.serve.reasoning import StopScanner, StreamSplitter, cut_at_stop, split_reasoning_output
 
 KEY = "test-key"
 NAME = "tiny-r1"
@@ -100,13 +104,19 @@ def serve(app):
 
 
 @pytest.fixture(scope="module")
-def base_url(loaded):
+def live(loaded):
     model, tokenizer = loaded
     limits = ServeLimits(max_body_bytes=20_000, max_prompt_tokens=200, max_tokens=16)
-    server, thread, url = serve(create_app(model, tokenizer, NAME, api_key=KEY, limits=limits))
-    yield url
+    app = create_app(single(model, tokenizer, NAME), api_key=KEY, limits=limits)
+    server, thread, url = serve(app)
+    yield url, app
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def base_url(live):
+    return live[0]
 
 
 @pytest.fixture()
@@ -228,51 +238,48 @@ def test_metrics_count_requests(base_url):
 
 def test_apps_do_not_share_metrics(loaded):
     model, tokenizer = loaded
-    a, b = create_app(model, tokenizer, "a"), create_app(model, tokenizer, "b")
+    a, b = create_app(single(model, tokenizer, "a")), create_app(single(model, tokenizer, "b"))
     assert a.state.metrics.registry is not b.state.metrics.registry
 
 
-def test_concurrent_requests_are_serialized(client):
-    results = []
+def test_concurrent_requests_share_decoding_steps(client, live):
+    """Greedy replies are the same alone or batched, and batched requests share forward passes."""
+    alone = client.chat.completions.create(model=NAME, messages=MSGS, max_tokens=12, temperature=0)
+    engine, results = live[1].state.handler.engine, []
+    before = engine.steps
 
     def ask():
-        results.append(client.chat.completions.create(model=NAME, messages=MSGS, max_tokens=6).choices[0].message)
-    threads = [threading.Thread(target=ask) for _ in range(3)]
+        results.append(client.chat.completions.create(model=NAME, messages=MSGS, max_tokens=12, temperature=0))
+    threads = [threading.Thread(target=ask) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 3 and results[0] == results[1] == results[2]  # greedy: same text each time
+    assert len(results) == 6 and all(r.choices[0].message == alone.choices[0].message for r in results)
+    tokens = sum(r.usage.completion_tokens for r in results)
+    assert engine.steps - before < tokens * 0.75  # one at a time would take a step per token
 
 
 # ---------------------------------------------------------------- the split end to end, with a scripted model
 
 
-class ScriptedModel:
-    """Stands in for a model: "generates" a fixed reply (then EOS), streaming it token by token."""
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a model: its logits pick a fixed reply (then EOS), one token per step."""
 
     def __init__(self, tokenizer, reply: str):
-        import torch
-
-        self.tokenizer, self.weight = tokenizer, torch.nn.Parameter(torch.zeros(1))
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
         self.reply = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        self.vocab, self.start = len(tokenizer), None
 
-    def parameters(self):
-        return iter([self.weight])
-
-    def eval(self):
-        return self
-
-    def generate(self, input_ids, max_new_tokens, streamer=None, **kwargs):
-        import torch
-
-        new = torch.tensor([self.reply[:max_new_tokens]])
-        if streamer is not None:
-            streamer.put(input_ids)
-            for tok in new[0]:
-                streamer.put(tok.view(1))
-            streamer.end()
-        return torch.cat([input_ids, new], dim=1)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
+        seen = position_ids[:, -1] + 1  # real tokens read so far, per row
+        if input_ids.shape[1] > 1:  # the prompt: the reply starts after it
+            self.start = seen
+        step = (seen - self.start).clamp(max=len(self.reply) - 1)
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[torch.arange(input_ids.shape[0]), 0, torch.tensor(self.reply)[step]] = 1.0
+        return SimpleNamespace(logits=logits)
 
 
 @pytest.fixture()
@@ -280,7 +287,7 @@ def scripted(loaded):
     from fastapi.testclient import TestClient
 
     tokenizer = loaded[1]
-    return TestClient(create_app(ScriptedModel(tokenizer, "Add them.\n</think>\n\nThe answer is 4."), tokenizer, NAME))
+    return TestClient(create_app(single(ScriptedModel(tokenizer, "Add them.\n</think>\n\nThe answer is 4."), tokenizer, NAME)))
 
 
 def test_reasoning_split_end_to_end(scripted):

@@ -1,0 +1,137 @@
+"""A running decode batch: its rows, their KV cache and attention mask.
+
+Rows are left-padded, so every row's newest token sits in the last column and one forward pass
+of shape (rows, 1) advances them all. Positions are kept per row (padding does not count).
+A finished row leaves the batch at once (its cache rows are dropped); new rows join between two
+steps: they are prefilled on their own, then both caches are left-padded to one length and
+stacked. Joining needs plain per-layer key/value tensors (transformers' DynamicLayer); caches of
+another kind (sliding windows, say) run a batch to its end before the next one starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from r1tune.serve.sampling import Params, pick_tokens
+
+
+@dataclass
+class Row:
+    """One request inside the batch. `emit(token)` returns False once the request is done."""
+    ids: list[int]
+    params: Params
+    emit: callable
+    position: int = 0  # position id of the next token fed in
+    generated: int = 0
+
+
+def cache_keyword(model) -> str:
+    """transformers 5 renamed `past_key_values` to `cache` (the old name still works, with a warning)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+def joinable(cache) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
+
+
+class Batch:
+    def __init__(self, model, rows: list[Row], pad_id: int, device):
+        self.model, self.pad_id, self.device = model, pad_id, device
+        self.keyword = cache_keyword(model)
+        self.rows, self.cache = [], new_cache(model)
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
+        self._prefill(rows)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1, **{self.keyword: cache})
+        return out.logits[:, -1, :]
+
+    @torch.no_grad()
+    def _prefill(self, rows: list[Row]) -> None:
+        """Run the prompts of `rows` (left-padded) and add them to the batch with their first token."""
+        width = max(len(r.ids) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.ids)) + r.ids for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = new_cache(self.model) if self.rows else self.cache
+        logits = self.forward(ids, mask, positions, cache)
+        for r in rows:
+            r.position = len(r.ids)
+        if self.rows:
+            self._stack(cache, mask)
+        else:
+            self.mask = mask
+        self.rows += rows
+        self._advance(rows, logits, first=len(self.rows) - len(rows))
+
+    def join(self, rows: list[Row]) -> None:
+        self._prefill(rows)
+
+    def _stack(self, cache, mask: torch.Tensor) -> None:
+        """Append another batch's cache and mask below this one's, left-padding the shorter."""
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, width), left_pad(theirs.keys, width)])
+            mine.values = torch.cat([left_pad(mine.values, width), left_pad(theirs.values, width)])
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - mask.shape[1], 0))])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Feed every row its newest token and take the next one."""
+        last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
+        self.mask = F.pad(self.mask, (0, 1), value=1)
+        positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
+        logits = self.forward(last, self.mask, positions, self.cache)
+        for r in self.rows:
+            r.position += 1
+        self._advance(self.rows, logits, first=0)
+
+    def _advance(self, rows: list[Row], logits: torch.Tensor, first: int) -> None:
+        """Give `rows` (batch rows first.. onward) their next tokens; drop the rows that are done."""
+        tokens = pick_tokens(logits, [r.params for r in rows])
+        done = set()
+        for i, (r, token) in enumerate(zip(rows, tokens)):
+            r.ids.append(token)
+            r.generated += 1
+            if not r.emit(token):
+                done.add(first + i)
+        if done:
+            self._keep([i for i in range(len(self.rows)) if i not in done])
+
+    def _keep(self, indices: list[int]) -> None:
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            return
+        index = torch.tensor(indices, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())  # leading columns no row needs
+        if unused and joinable(self.cache):
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+            self.mask = self.mask[:, unused:]
+
+    @property
+    def can_join(self) -> bool:
+        return joinable(self.cache)
+
+
+def left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, T, D) padded with zeros before T up to `width` (masked, so never attended to)."""
+    return F.pad(t, (0, 0, width - t.shape[-2], 0))
