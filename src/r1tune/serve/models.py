@@ -54,26 +54,29 @@ def load_served(cfg) -> ServedSet:
     model, tokenizer = loaded.model, loaded.tokenizer
     primary = Served(cfg.serve_model_name or loaded.label, PRIMARY if is_lora_peft(model) else None, tokenizer)
     entries = {primary.name: primary}
-    for name, folder in (cfg.serve_adapters or {}).items():
-        model = add_adapter(model, name, Path(folder), loaded.base, cfg.source)
-        add_entry(entries, Served(name, name, adapter_tokenizer(Path(folder), tokenizer, cfg.source)), cfg.source)
+    check_names([primary.name, *(cfg.serve_adapters or {}), *([cfg.serve_base_name] if cfg.serve_base_name else [])],
+                cfg.source)
+    for i, (name, folder) in enumerate((cfg.serve_adapters or {}).items()):
+        adapter = f"served_{i + 1}"  # PEFT's own name: a user's name like 'a' would clash with 'lora_' keys
+        model = add_adapter(model, name, adapter, Path(folder), loaded.base, cfg.source)
+        entries[name] = Served(name, adapter, adapter_tokenizer(Path(folder), tokenizer, cfg.source))
     if cfg.serve_base_name:
         if not hasattr(model, "peft_config"):
             raise UserError(f"{cfg.source}: serve_base_name serves the base with its adapters off, but this model has "
                             "no LoRA adapter (a full model or bottleneck adapters); remove serve_base_name")
-        add_entry(entries, Served(cfg.serve_base_name, None, tokenizer), cfg.source)
+        entries[cfg.serve_base_name] = Served(cfg.serve_base_name, None, tokenizer)
     return ServedSet(model, entries)
 
 
-def add_entry(entries: dict[str, Served], entry: Served, source: str) -> None:
-    if not entry.name or entry.name in entries:
-        raise UserError(f"{source}: the served model name '{entry.name}' is empty or used twice; give every "
-                        "adapter in serve_adapters (and serve_model_name / serve_base_name) its own name")
-    entries[entry.name] = entry
+def check_names(names: list[str], source: str) -> None:
+    for i, name in enumerate(names):
+        if not name.strip() or name in names[:i]:
+            raise UserError(f"{source}: the served model name '{name}' is empty or used twice; give every adapter in "
+                            "serve_adapters (and serve_model_name / serve_base_name) its own name")
 
 
-def add_adapter(model, name: str, folder: Path, base: str, source: str):
-    """`model` with the LoRA adapter in `folder` loaded beside its own as adapter `name`."""
+def add_adapter(model, name: str, adapter: str, folder: Path, base: str, source: str):
+    """`model` with the LoRA adapter in `folder` (served as `name`) loaded beside its own as `adapter`."""
     from peft import PeftModel
 
     from r1tune.models.methods import exact_lora_targets
@@ -93,9 +96,9 @@ def add_adapter(model, name: str, folder: Path, base: str, source: str):
     try:
         with exact_lora_targets():
             if hasattr(model, "peft_config"):
-                model.load_adapter(str(folder), adapter_name=name)
+                model.load_adapter(str(folder), adapter_name=adapter)
                 return model
-            return PeftModel.from_pretrained(model, str(folder), adapter_name=name)
+            return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{source}: serve_adapters '{name}' ('{folder}') does not fit this model ({str(exc)[:200]}); "
                         "only LoRA adapters of the same base and vocabulary can be served together") from None
