@@ -91,3 +91,28 @@ def test_adapter_config_errors(runs, tmp_path, tiny_qwen):
     (other / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{tiny_qwen}", "peft_type": "LORA"}}')
     with pytest.raises(UserError, match="was trained over"):
         load_served(make_cfg(base, data, outs["a"], serve_adapters={"q": str(other)}))
+
+
+def test_virtual_token_adapters_decode_as_their_forward(tiny_qwen, runs, tmp_path):
+    """Prompt tuning: the engine feeds the virtual tokens itself; each greedy token is the argmax of the
+    PEFT model's own full forward over the prompt and the tokens before it."""
+    from r1tune.serve.chat import load_for_chat
+    from r1tune.serve.engine import Engine
+    from r1tune.serve.sampling import Params
+    from r1tune.serve.ticket import Ticket
+    from tests.test_serve_engine import collect, prompt_ids
+
+    out = tmp_path / "prompt"
+    run_sft(make_cfg(tiny_qwen, runs[1], out, max_steps=2, finetuning_type="prompt_tuning", bf16=False))
+    model, tokenizer = load_for_chat(str(out))
+    ids = prompt_ids(tokenizer, PROMPT)
+    engine = Engine(model, tokenizer.pad_token_id, wait_s=0)
+    try:
+        tokens, _ = collect(engine.submit(Ticket(ids, Params(8), None, set())))
+    finally:
+        engine.close()
+    full = torch.tensor([ids + tokens])
+    with torch.no_grad():
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits
+    start = logits.shape[1] - full.shape[1] + len(ids) - 1  # after the virtual tokens and the prompt
+    assert logits[0, start:-1].argmax(-1).tolist() == tokens

@@ -43,6 +43,12 @@ def new_cache(model):
     return DynamicCache(config=config) if config is not None else DynamicCache()
 
 
+def virtual_prompt(model):
+    """The PEFT model when it adds virtual tokens (prompt / P-tuning), else None."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return model if config is not None and config.is_prompt_learning else None
+
+
 def joinable(cache) -> bool:
     from transformers.cache_utils import DynamicLayer
 
@@ -51,16 +57,26 @@ def joinable(cache) -> bool:
 
 class Batch:
     def __init__(self, model, rows: list[Row], pad_id: int, device):
-        self.model, self.pad_id, self.device = model, pad_id, device
+        self.pad_id, self.device = pad_id, device
+        self.virtual = virtual_prompt(model)
+        self.model = model.get_base_model() if self.virtual else model  # virtual tokens are fed in by hand
         self.keyword = cache_keyword(model)
         self.rows, self.cache = [], new_cache(model)
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
         self._prefill(rows)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache, embeds=None) -> torch.Tensor:
+        inputs = {"inputs_embeds": embeds} if embeds is not None else {"input_ids": ids}
+        out = self.model(**inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                          logits_to_keep=1, **{self.keyword: cache})
         return out.logits[:, -1, :]
+
+    def _with_virtual_tokens(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Prompt / P-tuning: the trained virtual token embeddings go before each prompt (and its padding),
+        and count as positions, as in training."""
+        prompts = self.virtual.get_prompt(batch_size=ids.shape[0]).to(self.model.dtype)
+        embeds = torch.cat([prompts, self.model.get_input_embeddings()(ids)], dim=1)
+        return embeds, torch.cat([torch.ones(prompts.shape[:2], dtype=mask.dtype, device=mask.device), mask], dim=1)
 
     @torch.no_grad()
     def _prefill(self, rows: list[Row]) -> None:
@@ -68,11 +84,14 @@ class Batch:
         width = max(len(r.ids) for r in rows)
         ids = torch.tensor([[self.pad_id] * (width - len(r.ids)) + r.ids for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in rows], device=self.device)
+        embeds = None
+        if self.virtual:
+            embeds, mask = self._with_virtual_tokens(ids, mask)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = new_cache(self.model) if self.rows else self.cache
-        logits = self.forward(ids, mask, positions, cache)
-        for r in rows:
-            r.position = len(r.ids)
+        logits = self.forward(ids, mask, positions, cache, embeds)
+        for r, seen in zip(rows, mask.sum(1).tolist()):
+            r.position = seen
         if self.rows:
             self._stack(cache, mask)
         else:

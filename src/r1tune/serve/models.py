@@ -52,6 +52,9 @@ def load_served(cfg) -> ServedSet:
 
     loaded = load_configured(cfg)
     model, tokenizer = loaded.model, loaded.tokenizer
+    if getattr(getattr(model, "peft_config", {}).get(PRIMARY), "peft_type", None) == "PREFIX_TUNING":
+        raise UserError(f"{cfg.source}: r1tune serve does not batch prefix_tuning adapters (their virtual keys and "
+                        "values live in the cache); talk to it with r1tune chat, or train p_tuning / prompt_tuning")
     primary = Served(cfg.serve_model_name or loaded.label, PRIMARY if is_lora_peft(model) else None, tokenizer)
     entries = {primary.name: primary}
     check_names([primary.name, *(cfg.serve_adapters or {}), *([cfg.serve_base_name] if cfg.serve_base_name else [])],
