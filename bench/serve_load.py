@@ -5,7 +5,7 @@
 
 For each mode the server runs in its own process (`--serve`, the same create_app as `r1tune serve`),
 so client and server do not share a Python interpreter. "batched" is the default engine
-(serve_max_batch_size 16: requests join the running batch between decoding steps); "one at a time"
+(serve_max_batch_size 32: requests join the running batch between decoding steps); "one at a time"
 is the same server with serve_max_batch_size 1, i.e. one request generates while the others wait,
 as r1tune serve did before batching. Every client sends chat requests back to back (greedy,
 `--max-tokens` new tokens each, prompts from the quickstart data, different per request), so both
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"one at a time": 1, "batched": 16}
+MODES = {"one at a time": 1, "batched": 32}  # 32: serve_max_batch_size's default
 
 
 def free_port() -> int:

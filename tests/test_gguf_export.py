@@ -162,13 +162,148 @@ def test_bad_dtype_and_missing_folder(tiny_qwen, tmp_path):
         export_gguf(tmp_path, tmp_path / "x.gguf")
 
 
-def test_llama_generates_with_llama_cpp(tiny_qwen, qwen_f32):
+# ---------------------------------------------------------------- llama.cpp (llama-cpp-python)
+# These run where the llama_cpp binding is importable and are skipped elsewhere (as in CI).
+
+CPP_TEXTS = [
+    "Hello world", "The quick brown fox jumps over the lazy dog.", "I'M here, you're there; it's 2024!",
+    "(hello) [world] {x}", "line one\n\nline two\n", "tabs\tand  double  spaces ", "x = 12345 + 678.9",
+    "你好，世界！今天天气很好。", "中文和English混合123",
+    "<｜begin▁of▁sentence｜><｜User｜>2+2等于几？<｜Assistant｜><think>\n四</think>4<｜end▁of▁sentence｜>",
+]
+CPP_PROMPTS = ["hello", "What is the capital of France?", "请用中文回答：1+1等于几？"]
+CPP_NEW_TOKENS = 16
+
+
+def _llama_cpp(path: Path, **kwargs):
     llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(qwen_f32), n_ctx=128, verbose=False)
-    prompt = llm.tokenize("<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜>".encode(), add_bos=False, special=True)
-    assert prompt[0] == _config(tiny_qwen)["bos_token_id"]
-    out = llm.create_completion("<｜User｜>hello<｜Assistant｜>", max_tokens=4, temperature=0.0)
-    assert out["choices"][0]["text"] is not None
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, verbose=False, n_threads=1,
+                           n_threads_batch=1, **kwargs)
+
+
+def _hf_model_and_tokenizer(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+@pytest.mark.parametrize("which", ["qwen_f32", "llama_f16"])
+def test_llama_cpp_tokenizes_and_renders_template_like_transformers(which, request):
+    folder = request.getfixturevalue("tiny_qwen" if which.startswith("qwen") else "tiny_llama")
+    llm = _llama_cpp(request.getfixturevalue(which), vocab_only=True)
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    for text in CPP_TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        assert llm.detokenize(ids, special=True).decode() == text
+    assert llm.tokenize(b"hi") == tok.encode("hi")  # neither adds BOS on its own
+    template = llm.metadata["tokenizer.chat_template"]
+    assert template == (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "<think>\nhmm</think>hi"},
+                {"role": "user", "content": "你好"}]
+    rendered = Jinja2ChatFormatter(template=template, bos_token=tok.bos_token,
+                                   eos_token=tok.eos_token)(messages=messages).prompt
+    assert rendered == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.mark.parametrize("which, logit_atol", [("qwen_f32", 0.01), ("llama_f16", 0.03)])
+def test_llama_cpp_greedy_generation_matches_transformers(which, logit_atol, request):
+    """llama.cpp's logits and greedy tokens for the exported GGUF equal transformers'."""
+    folder = request.getfixturevalue("tiny_qwen" if which.startswith("qwen") else "tiny_llama")
+    llm = _llama_cpp(request.getfixturevalue(which), logits_all=True)
+    model, tok = _hf_model_and_tokenizer(folder)
+    for prompt in CPP_PROMPTS:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        hf_new = []  # transformers' greedy continuation
+        for _ in range(CPP_NEW_TOKENS):
+            hf_new.append(int(_hf_logits(model, ids + hf_new)[-1].argmax()))
+        hf_logits = _hf_logits(model, ids + hf_new)
+        llm.reset()
+        llm.eval(ids + hf_new)
+        cpp_logits = np.asarray(llm.scores[:llm.n_tokens])
+        np.testing.assert_allclose(cpp_logits, hf_logits, atol=logit_atol, rtol=0)
+        # Free-running greedy in llama.cpp (its own sampler, top-k 1): the same tokens up to
+        # the first step where transformers' top two are closer than the two engines differ.
+        tie = 2 * float(np.abs(cpp_logits - hf_logits).max())
+        top2 = np.sort(hf_logits[len(ids) - 1:-1], axis=-1)[:, -2:]
+        clear = int(np.argmax(np.append(top2[:, 1] - top2[:, 0] < tie, True)))
+        assert clear >= CPP_NEW_TOKENS // 2, "too many near-ties for a meaningful comparison"
+        cpp_new = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            cpp_new.append(int(token))
+            if len(cpp_new) == CPP_NEW_TOKENS:
+                break
+        assert cpp_new[:clear] == hf_new[:clear], prompt
+
+
+def _retrain_tokenizer(folder: Path, dest: Path) -> Path:
+    """`folder` with its tokenizer retrained on multi-line text, in the tiny tokenizer's layout.
+
+    The tiny tokenizer learns from single lines, so none of its merges crosses a place where
+    one pre-tokenizer splits and another does not (around newlines and punctuation); any
+    llama.cpp pre-tokenizer name then gives the same ids. This one's merges do cross them.
+    """
+    import random
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from r1tune.models.tiny import REASONING, SPECIAL, _corpus_lines
+
+    lines, rnd = list(_corpus_lines()), random.Random(0)
+    seps = ["\n", "\n\n", "\n  ", ") (", ".\n", " 123 ", "?!\n\n", ":\n  - "]
+    texts = ["".join(rnd.choice(lines) + rnd.choice(seps) for _ in range(4)) for _ in range(2000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    rows = _config(folder)["vocab_size"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=rows - len(REASONING), special_tokens=SPECIAL, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in REASONING])
+    shutil.copytree(folder, dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (dest / name).unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL[0], eos_token=SPECIAL[1],
+                            pad_token=SPECIAL[2]).save_pretrained(dest)
+    return dest
+
+
+def test_llama_cpp_splits_text_as_transformers_when_merges_cross_pieces(tiny_llama, tmp_path):
+    """With "qwen2" as tokenizer.ggml.pre (before the fix), about half of these got other ids."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    folder = _retrain_tokenizer(tiny_llama, tmp_path / "m")
+    path = export_gguf(folder, tmp_path / "m.gguf", dtype="f32")
+    assert read_gguf_summary(path)["metadata"]["tokenizer.ggml.pre"] == "refact"
+    llm = _llama_cpp(path, vocab_only=True)
+    tok, rnd = AutoTokenizer.from_pretrained(folder), random.Random(1)
+    pieces = ["hello", " world", "\n", "\n\n", "  ", "(", ")", ".", "?!", "'S", " 42", "你好", "：", "\t"]
+    texts = CPP_TEXTS + ["".join(rnd.choice(pieces) for _ in range(12)) for _ in range(200)]
+    differ = [t for t in texts if llm.tokenize(t.encode(), add_bos=False, special=True)
+              != tok.encode(t, add_special_tokens=False)]
+    assert not differ, f"{len(differ)}/{len(texts)} differ, e.g. {differ[0]!r}"
 
 
 def _copy_with(folder: Path, dest: Path, name: str, **changes) -> Path:
@@ -187,6 +322,24 @@ def test_modelfile_leaves_bos_to_runtime_when_gguf_adds_it(tiny_qwen, tmp_path):
     assert read_gguf_summary(gguf_path)["metadata"]["tokenizer.ggml.add_bos_token"] is True
     text = write_modelfile(gguf_path, tmp_path / "Modelfile", folder).read_text(encoding="utf-8")
     assert 'TEMPLATE """{{- if .System }}' in text
+
+
+def test_pre_tokenizer_name_follows_what_transformers_applies(tiny_qwen, tiny_llama, qwen_f32, llama_f16):
+    """The tiny llama tokenizer (single digits, then GPT-2's regex) is llama.cpp's "refact";
+    a qwen2 folder loads as Qwen2Tokenizer, which splits with Qwen2's regex whatever
+    tokenizer.json says: "qwen2"."""
+    from r1tune.export.gguf_export import LLAMA3_REGEX, QWEN2_REGEX, _pre_tokenizer_name
+
+    assert read_gguf_summary(llama_f16)["metadata"]["tokenizer.ggml.pre"] == "refact"
+    assert read_gguf_summary(qwen_f32)["metadata"]["tokenizer.ggml.pre"] == "qwen2"
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    for regex, name in ((QWEN2_REGEX, "qwen2"), (LLAMA3_REGEX, "llama-bpe")):  # R1's Qwen / Llama distills
+        split = {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
+        assert _pre_tokenizer_name({"type": "Sequence", "pretokenizers": [split, byte_level]}) == name
+    assert _pre_tokenizer_name({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}) == "gpt-2"
+    # An unknown transformers-side layout falls back to tokenizer.json's before any guess.
+    file_pre = json.loads((tiny_llama / "tokenizer.json").read_text(encoding="utf-8"))["pre_tokenizer"]
+    assert _pre_tokenizer_name({"type": "Metaspace"}, file_pre) == "refact"
 
 
 def test_llama3_rope_scaling_writes_rope_freqs(tiny_llama, tmp_path):

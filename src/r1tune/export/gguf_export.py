@@ -13,7 +13,8 @@ conventions of llama.cpp's `convert_hf_to_gguf.py`:
 - Llama-3.1 style "llama3" rope scaling becomes a `rope_freqs.weight` tensor;
 - `dtype="f16"` stores matrices as float16 and keeps 1-D tensors (norms, biases) float32;
 - the tokenizer is written as byte-level BPE ("gpt2") with tokens, token types, merges,
-  special token ids and the chat template.
+  special token ids and the chat template; `tokenizer.ggml.pre` names the llama.cpp
+  pre-tokenizer that splits text as the one transformers really applies does.
 
 `read_gguf_summary` reads a file back for validation; `write_modelfile` writes an
 Ollama Modelfile with DeepSeek-R1's prompt format. Files are written atomically.
@@ -259,7 +260,8 @@ def _add_tokenizer(writer, model_dir: Path, config: dict) -> None:
                         f"(tokenizer.json has {tok_json['model'].get('type')!r}).")
     tokens, types = _vocab(tok_json, config["vocab_size"])
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json))
+    writer.add_tokenizer_pre(_pre_tokenizer_name(_effective_pre_tokenizer(model_dir, tok_json),
+                                                 tok_json.get("pre_tokenizer") or {}))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(_merges(tok_json))
@@ -298,19 +300,65 @@ def _merges(tok_json: dict) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"].get("merges", [])]
 
 
-def _pre_tokenizer_name(tok_json: dict) -> str:
-    """llama.cpp's pre-tokenizer id, judged from how the tokenizer splits digits.
+# Pre-tokenizer regexes as Hugging Face tokenizer.json files spell them.
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
-    llama.cpp identifies pre-tokenizers by hashing a test encoding; this is a lighter
-    heuristic: digits one by one -> "qwen2" (also DeepSeek-R1's Qwen distills), up to three
-    digits -> "llama-bpe" (Llama 3), otherwise GPT-2's own split.
+
+def _effective_pre_tokenizer(model_dir: Path, tok_json: dict) -> dict:
+    """The pre-tokenizer transformers really applies to this folder (what the model saw).
+
+    transformers 5 may replace tokenizer.json's pre-tokenizer with its own: a qwen2 folder
+    loads as Qwen2Tokenizer, which always splits with Qwen2's regex. Falls back to the
+    file's pre-tokenizer when the tokenizer cannot be loaded.
     """
-    text = json.dumps(tok_json.get("pre_tokenizer") or {})
+    try:
+        from transformers import AutoTokenizer
+
+        backend = AutoTokenizer.from_pretrained(str(model_dir)).backend_tokenizer
+        return json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    except Exception:  # no transformers, or a folder it cannot load: trust the file
+        return tok_json.get("pre_tokenizer") or {}
+
+
+def _pre_tokenizer_name(pre: dict, file_pre: dict | None = None) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a Hugging Face pre-tokenizer (its JSON form).
+
+    llama.cpp splits text with a fixed regex per name before BPE, so the name must give the
+    same pieces as the Hugging Face pre-tokenizer, or tokens that merge across a piece
+    boundary come out differently. `pre` is the pre-tokenizer transformers applies,
+    `file_pre` tokenizer.json's, tried next. Known layouts map exactly: Qwen2's regex ->
+    "qwen2" (also DeepSeek-R1's Qwen distills); Llama 3's -> "llama-bpe" (also the Llama
+    distills); single digits then GPT-2's regex (r1tune's tiny tokenizer) -> "refact";
+    GPT-2's byte-level regex alone -> "gpt-2". Other layouts get a guess from how they
+    split digits.
+    """
+    for candidate in (pre, file_pre):
+        name = _exact_pre_name(candidate or {})
+        if name:
+            return name
+    text = json.dumps(file_pre if file_pre is not None else pre)
     if '"individual_digits": true' in text or "\\\\p{N}|" in text:
         return "qwen2"
     if "\\\\p{N}{1,3}" in text:
         return "llama-bpe"
     return "gpt-2"
+
+
+def _exact_pre_name(pre: dict) -> str | None:
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = (steps[0].get("pattern") or {}).get("Regex")
+        return {QWEN2_REGEX: "qwen2", LLAMA3_REGEX: "llama-bpe"}.get(regex)
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") \
+            and steps[1].get("use_regex", True):
+        return "refact"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    return None
 
 
 def _add_special_ids(writer, tokens: list[str], tok_cfg: dict, config: dict) -> None:

@@ -24,7 +24,7 @@ class ServeLimits:
 
 @dataclass
 class BatchOptions:
-    max_batch: int = 16
+    max_batch: int = 32
     wait_s: float = 0.005
     max_queue: int = 256
 
