@@ -28,8 +28,15 @@ def test_choice_lists_allowed_values():
 
 
 def test_missing_required_key():
-    with pytest.raises(UserError, match=r"required key 'output_dir' is missing"):
-        validate_config({"model_name_or_path": "m", "dataset": "d"}, source="run.yaml")
+    with pytest.raises(UserError, match=r"run.yaml: required key 'model_name_or_path' is missing; add it to the file"):
+        validate_config({"dataset": "d", "output_dir": "o"}, source="run.yaml")
+
+
+def test_dataset_and_output_dir_are_required_by_the_commands_that_need_them():
+    cfg = validate_config({"model_name_or_path": "m", "export_dir": "e"}, source="merge.yaml")  # export-only
+    with pytest.raises(UserError, match=r"^merge.yaml: required key 'dataset' is missing; add it to the file "
+                                        r"\(r1tune train needs it\)$"):
+        cfg.require("dataset", "output_dir", command="r1tune train")
 
 
 def test_overrides_are_typed(tmp_path):

@@ -4,6 +4,7 @@ sharding; methods that cannot merge are clear errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_legacy_bin_format_is_refused():
         validate_config({"model_name_or_path": "m", "dataset": "d", "output_dir": "o", "export_legacy_format": True})
 
 
-def test_onnx_and_gguf_copies_of_the_merged_model(tiny_qwen, parity_file, tmp_path):
+def test_onnx_and_gguf_copies_of_the_merged_model(tiny_qwen, parity_file, tmp_path, capsys):
     from r1tune.export.gguf_export import read_gguf_summary
 
     out, merged = tmp_path / "out", tmp_path / "merged"
@@ -62,6 +63,8 @@ def test_onnx_and_gguf_copies_of_the_merged_model(tiny_qwen, parity_file, tmp_pa
     cfg = validate_config({"model_name_or_path": str(tiny_qwen), "dataset": str(parity_file), "output_dir": str(out),
                            "export_dir": str(merged), "export_onnx": True, "export_gguf": True, "export_int8": True})
     assert run_export(cfg) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"int8: .* perplexity on 8 held-out samples [\d.]+ vs [\d.]+", printed), printed  # val_size 8
     from r1tune.export.int8 import load_int8
 
     assert (merged / "int8" / "model.safetensors").is_file() and load_int8(merged / "int8") is not None

@@ -15,7 +15,8 @@ from r1tune.errors import UserError
 
 EXAMPLES = {
     "train": "example: r1tune train examples/quickstart.yaml learning_rate=1e-4 max_steps=50",
-    "chat": "example: r1tune chat outputs/quickstart --prompt \"Is 4827 even or odd?\"",
+    "chat": "example: r1tune chat outputs/quickstart --prompt \"Is 4827 even or odd?\"\n"
+            "example: r1tune chat examples/quickstart.yaml --prompt \"Is 4827 even or odd?\"",
     "export": "example: r1tune export examples/quickstart.yaml export_dir=outputs/quickstart-merged",
     "serve": "example: r1tune serve examples/quickstart.yaml --port 8000\n"
              "example: R1TUNE_API_KEY=secret r1tune serve examples/quickstart.yaml --host 0.0.0.0",
@@ -70,6 +71,9 @@ def _data_setup(args):
     from r1tune.train.stages.sft import add_configured_tokens
 
     cfg = load_config(args.config, args.overrides)
+    plot_default = args.action == "stats" and not args.plot  # the histogram then goes to output_dir
+    cfg.require("dataset", *(["output_dir"] if plot_default else []),
+                command=f"r1tune data {args.action}" + (" without --plot" if plot_default else ""))
     ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model_name_or_path), cfg.trust_remote_code)
     apply_template_choice(tokenizer, cfg.template, args.config, needs_template=cfg.stage != "pt")
@@ -119,15 +123,35 @@ def _run_data_action(args, console) -> None:
 
 
 def cmd_chat(args) -> int:
-    from r1tune.serve.chat import chat_loop, load_for_chat, reply
+    from r1tune.serve.chat import chat_loop, reply
 
-    model, tokenizer = load_for_chat(args.dir)
+    model, tokenizer = _chat_model(args)
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args.max_new_tokens, args.temperature)
         return 0
     chat_loop(model, tokenizer, args.system, args.max_new_tokens, args.temperature)
     return 0
+
+
+def _chat_model(args):
+    """A YAML config (a run file, or LLaMA-Factory's model + adapters + template), or a folder."""
+    path = Path(args.dir)
+    if path.suffix in (".yaml", ".yml") and not path.is_dir():
+        from r1tune.config import load_config
+        from r1tune.data.templates import apply_template_choice
+        from r1tune.models.configured import load_configured
+
+        cfg = load_config(path, args.overrides)
+        loaded = load_configured(cfg)
+        apply_template_choice(loaded.tokenizer, cfg.template, cfg.source, needs_template=True)
+        return loaded.model, loaded.tokenizer
+    if args.overrides:
+        raise UserError(f"key=value overrides ('{args.overrides[0]}') need a YAML config, and '{args.dir}' is "
+                        "not one; pass the config file or drop the overrides")
+    from r1tune.serve.chat import load_for_chat
+
+    return load_for_chat(args.dir)
 
 
 def cmd_tiny(args) -> int:
@@ -178,16 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
             "YAML run file (keys: docs/config.md)")
     add_run("eval", "Score the trained model (and the base) on held-out data: perplexity, BLEU-4, ROUGE-L, "
                     "exact match, accuracy, F1, robustness, multiple choice; exit 1 when a threshold fails.", cmd_eval)
-    add_run("export", "Merge the trained adapter into its base and save a plain transformers model (sharded "
-                      "safetensors, tokenizer, model card); exit 1 if its logits differ from the unmerged model.",
-            cmd_export)
+    add_run("export", "Merge the trained adapter (or adapter_name_or_path's adapters) into its base and save a plain "
+                      "transformers model (sharded safetensors, tokenizer, model card); exit 1 if its logits "
+                      "differ from the unmerged model.", cmd_export,
+            "the YAML run file that trained the model, or LLaMA-Factory's export YAML (keys: docs/config.md)")
     p = add_run("serve", "Serve the trained model over an OpenAI-compatible HTTP API (/v1/chat/completions with "
                          "reasoning_content, /v1/completions, /v1/models, /predict, /health, /metrics).", cmd_serve)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
 
-    p = add("chat", "Chat with a trained output dir (adapter or full model); reasoning is shown apart from the answer.", cmd_chat)
-    p.add_argument("dir", help="an r1tune output_dir, or any model folder")
+    p = add("chat", "Chat with a trained output dir (adapter or full model) or the model a YAML config names; "
+                    "reasoning is shown apart from the answer.", cmd_chat)
+    p.add_argument("dir", metavar="DIR_OR_CONFIG", help="an r1tune output_dir, any model folder, or a YAML config "
+                   "(a run file, or LLaMA-Factory's model_name_or_path + adapter_name_or_path + template)")
+    p.add_argument("overrides", nargs="*", help="with a YAML config: key=value overrides (before the options)")
     p.add_argument("--prompt", help="answer this one message and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -30,6 +30,10 @@ NO_EFFECT_KEYS = {
     "flash_attn": "the attention kernel is chosen by attn_implementation",
     "pissa_convert": "PiSSA adapters are always saved converted to a plain LoRA on the original base",
 }
+# LLaMA-Factory quantizes exports with GPTQ, which calibrates on data; r1tune's bitsandbytes export needs none.
+NO_EFFECT_KEYS.update(dict.fromkeys(
+    ("export_quantization_dataset", "export_quantization_nsamples", "export_quantization_maxlen"),
+    "export_quantization_bit uses bitsandbytes, which needs no calibration data"))
 
 
 class RunConfig(BaseModel):
@@ -106,7 +110,7 @@ class RunConfig(BaseModel):
     label_smoothing_factor: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the token cross-entropy (both loss paths).")
     neftune_noise_alpha: Optional[float] = Field(None, gt=0, description="NEFTune: add uniform noise of scale alpha/sqrt(tokens x hidden) to the embeddings while training (paper: 5).")
     # --- data ------------------------------------------------------------------
-    dataset: str = Field(description="A JSON/JSONL file path, or comma-separated names from dataset_dir/dataset_info.json.")
+    dataset: Optional[str] = Field(None, description="A JSON/JSONL file path, or comma-separated names from dataset_dir/dataset_info.json. Required by r1tune train, eval and data; an export-only config (LLaMA-Factory's merge YAML) leaves it out.")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the files it names.")
     cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per sample; longer samples are truncated (a sample left with no trained token is dropped).")
     max_samples: Optional[int] = Field(None, ge=1, description="Use at most this many records from each dataset.")
@@ -138,7 +142,7 @@ class RunConfig(BaseModel):
     augment_targets: bool = Field(False, description="Also augment the assistant's answers (never the <think> reasoning).")
     augment_ratio: float = Field(1.0, ge=0.0, le=1.0, description="Share of samples augmented at all in each epoch.")
     # --- output ----------------------------------------------------------------
-    output_dir: str = Field(description="Where the adapter or model, tokenizer, logs, plots and checkpoints go.")
+    output_dir: Optional[str] = Field(None, description="Where the adapter or model, tokenizer, logs, plots and checkpoints go. Required by r1tune train and eval; without it, export / chat / serve load model_name_or_path with adapter_name_or_path (LLaMA-Factory's export and inference YAML).")
     overwrite_output_dir: bool = Field(False, description="Allow training into an output_dir that already holds a trained model.")
     # --- optimisation ----------------------------------------------------------
     per_device_train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for training.")
@@ -187,13 +191,25 @@ class RunConfig(BaseModel):
     eval_thresholds: Optional[list[str]] = Field(None, description="r1tune eval: gates like 'bleu4 >= 0.45', 'ppl_drop >= 0.35', 'f1_gain >= 0.15', 'robust_accuracy >= 0.88'; any FAIL makes the command exit with code 1.")
     eval_output_dir: Optional[str] = Field(None, description="r1tune eval: where predictions and the report go; empty: OUTPUT_DIR/eval.")
     # --- r1tune export -----------------------------------------------------------
-    export_dir: Optional[str] = Field(None, description="r1tune export: where the merged model, tokenizer, generation config and model card go; empty: OUTPUT_DIR/merged.")
+    export_dir: Optional[str] = Field(None, description="r1tune export: where the merged model, tokenizer, generation config and model card go; empty: OUTPUT_DIR/merged (required without output_dir). Its old contents are replaced.")
     export_size: float = Field(5.0, gt=0, description="r1tune export: largest safetensors shard in GB (LLaMA-Factory's key).")
     export_legacy_format: bool = Field(False, description="LLaMA-Factory's key for .bin files; r1tune writes safetensors only, so it must stay false.")
+    export_device: Literal["cpu", "auto"] = Field("cpu", description="r1tune export: where adapters are merged: 'cpu', or 'auto' (CUDA when available, else the CPU with a notice). The parity check runs on the CPU in fp32 either way.")
+    export_quantization_bit: Optional[Literal[4, 8]] = Field(None, description="r1tune export: also write EXPORT_DIR/bnb-4bit (nf4, double quantization) or bnb-8bit (LLM.int8) with bitsandbytes, reloadable with plain transformers, and report its size and perplexity against fp32. Replaces LLaMA-Factory's GPTQ, so no calibration data is needed; nn.Linear layers only (embeddings, output head and DeepSeek-V3's fused routed experts stay fp32).")
     export_onnx: bool = Field(False, description="r1tune export: also write merged/onnx/model.onnx (logits of a full-sequence forward, no KV cache), validated with onnxruntime against PyTorch.")
     export_int8: bool = Field(False, description="r1tune export: also write merged/int8 (int8 weights + per-channel scales in safetensors, activations quantized on the fly; for CPU inference) and report its size, tokens/s and perplexity against the fp32 model.")
     export_gguf: bool = Field(False, description="r1tune export: also write merged/model.gguf (f16) and an Ollama Modelfile with the R1 template and stop tokens (Qwen2 and Llama architectures).")
     model_license: Optional[str] = Field(None, description="r1tune export: the license field of the model card (e.g. mit, apache-2.0); empty: 'other', to be filled in.")
+    # --- r1tune serve --------------------------------------------------------------
+    serve_model_name: Optional[str] = Field(None, description="r1tune serve: the `model` name of the run's model in requests; empty: the output_dir folder's name (or the adapter's / base's name).")
+    serve_adapters: Optional[dict[str, str]] = Field(None, description="r1tune serve: more LoRA adapters over the same base, {name: adapter folder or r1tune output_dir}, kept in memory together and chosen by each request's `model` field.")
+    serve_base_name: Optional[str] = Field(None, description="r1tune serve: also serve the base model (adapters off) under this `model` name.")
+    serve_max_batch_size: int = Field(32, ge=1, description="r1tune serve: most requests generated together in one batch; new requests join a running batch between decoding steps.")
+    serve_batch_wait_ms: float = Field(5.0, ge=0, description="r1tune serve: how long an idle server waits after the first request for others to start a batch with.")
+    serve_max_queue: int = Field(256, ge=1, description="r1tune serve: requests allowed to wait for a batch seat; more get HTTP 429.")
+    serve_max_tokens: int = Field(2048, ge=1, description="r1tune serve: the largest max_tokens a request may ask for (also the default).")
+    serve_max_prompt_tokens: int = Field(4096, ge=1, description="r1tune serve: the longest prompt accepted, in tokens (HTTP 400 above).")
+    serve_max_body_bytes: int = Field(1_000_000, ge=1, description="r1tune serve: the largest request body accepted (HTTP 413 above).")
     # --- logging and checkpoints -----------------------------------------------
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
@@ -244,6 +260,13 @@ class RunConfig(BaseModel):
     @property
     def source(self) -> str:
         return self._source
+
+    def require(self, *keys: str, command: str) -> None:
+        """UserError for the first of `keys` left empty: dataset and output_dir are optional so that an
+        export-only YAML validates, and the commands that need them check here, before any work."""
+        for key in keys:
+            if getattr(self, key) in (None, ""):
+                raise UserError(f"{missing_key_message(self.source, key)} ({command} needs it)")
 
     def augment_options(self):
         from r1tune.data.augment import AugmentOptions
@@ -415,10 +438,14 @@ def _describe_validation_error(exc: ValidationError, source: str) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "config"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
-        return f"{source}: required key '{key}' is missing; add it to the file"
+        return missing_key_message(source, key)
     if not err["loc"]:
         return f"{source}: {msg}"
     return f"{source}: invalid value for '{key}': {msg} (got {err.get('input')!r})"
+
+
+def missing_key_message(source: str, key: str) -> str:
+    return f"{source}: required key '{key}' is missing; add it to the file"
 
 
 def config_to_yaml(cfg: RunConfig) -> str:

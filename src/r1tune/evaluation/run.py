@@ -33,6 +33,7 @@ from r1tune.ui import console
 
 def run_eval(cfg: RunConfig) -> int:
     """Evaluate; returns the exit code (0 pass, 1 a threshold failed)."""
+    cfg.require("output_dir", "dataset", command="r1tune eval")
     gates = parse_thresholds(cfg.eval_thresholds, cfg.source)
     tuned_dir = Path(cfg.output_dir)
     if not (tuned_dir / "r1tune_config.yaml").is_file():

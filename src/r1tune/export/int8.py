@@ -38,7 +38,6 @@ from the config, swaps in the quantized modules, and loads the tensors.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -47,17 +46,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from r1tune.export.evalset import EvalSet, eval_perplexity, fixed_sentences
 from r1tune.train.checkpoint import atomic_dir, commit_dir
 
 QUANT_FILE = "int8_quant.json"
 WEIGHTS_FILE = "model.safetensors"
 SCHEME = "int8_dynamic_activation_int8_weight_per_channel_symmetric"
-DEFAULT_EVAL_TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Water boils at one hundred degrees Celsius at sea level.",
-    "To compute the area of a circle, multiply pi by the square of the radius.",
-    "She opened the window, and the cold morning air filled the room.",
-]
 DEFAULT_PROMPTS = ["Once upon a time", "The capital of France is", "def add(a, b):"]
 MAX_NEW_TOKENS = 16
 
@@ -74,6 +68,7 @@ class Int8Report:
     metric_name: str
     metric: float
     fp32_metric: float
+    metric_data: str  # what the metric was measured on, e.g. "32 held-out samples"
 
 
 def _int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
@@ -139,7 +134,8 @@ def quantize_model(model: nn.Module) -> list[str]:
     return names
 
 
-def _load_fp32(model_dir: Path):
+def load_fp32(model_dir: Path):
+    """The merged export as the reference model: fp32, on the CPU."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -201,20 +197,6 @@ def load_int8(out_dir):
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, texts: list[str]) -> float:
-    """Token-weighted perplexity over texts (each scored on its own)."""
-    nll, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt").input_ids
-        if ids.shape[1] < 2:
-            continue
-        loss = model(input_ids=ids, labels=ids).loss
-        nll += loss.item() * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
-    return math.exp(nll / max(count, 1))
-
-
-@torch.no_grad()
 def _generate_seconds(model, tokenizer, prompt: str, max_new_tokens: int) -> float:
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
@@ -234,21 +216,22 @@ def tokens_per_s(models: list, tokenizer, prompts=DEFAULT_PROMPTS, max_new_token
     return [len(prompts) * max_new_tokens / s for s in seconds]
 
 
-def quantize_int8(model_dir, out_dir, eval_texts: list[str] | None = None) -> Int8Report:
-    """Quantize a merged causal-LM folder to int8 (dynamic), save it, and compare with fp32."""
+def quantize_int8(model_dir, out_dir, evalset: EvalSet | None = None) -> Int8Report:
+    """Quantize a merged causal-LM folder to int8 (dynamic), save it, and compare with fp32 on `evalset`
+    (default: the fixed sentences)."""
     from transformers import AutoTokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    texts = eval_texts or DEFAULT_EVAL_TEXTS
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    fp32 = _load_fp32(model_dir)
-    fp32_bytes, fp32_ppl = _state_bytes(fp32), perplexity(fp32, tokenizer, texts)
-    int8 = _load_fp32(model_dir)
+    evalset = evalset or fixed_sentences(tokenizer)
+    fp32 = load_fp32(model_dir)
+    fp32_bytes, fp32_ppl = _state_bytes(fp32), eval_perplexity(fp32, evalset, tokenizer)
+    int8 = load_fp32(model_dir)
     names = quantize_model(int8)
     save_int8(int8, names, model_dir, out_dir)
     int8 = load_int8(out_dir)  # measure what was written, not the in-memory copy
     speed, fp32_speed = tokens_per_s([int8, fp32], tokenizer)
     return Int8Report(path=out_dir, size_bytes=(out_dir / WEIGHTS_FILE).stat().st_size,
                       fp32_size_bytes=fp32_bytes, tokens_per_s=speed, fp32_tokens_per_s=fp32_speed,
-                      metric_name="perplexity", metric=perplexity(int8, tokenizer, texts),
-                      fp32_metric=fp32_ppl)
+                      metric_name="perplexity", metric=eval_perplexity(int8, evalset, tokenizer),
+                      fp32_metric=fp32_ppl, metric_data=evalset.description)

@@ -63,15 +63,21 @@ def logits_of(model, batch: dict) -> torch.Tensor:
     return out * batch["attention_mask"][..., None]  # padded positions do not count
 
 
-def merge_to_folder(model, tokenizer, final: Path, shard_gb: float, extra_files: dict[str, str] | None = None) -> MergeResult:
-    """Merge (PEFT adapters) or keep (a full model), save to `final` with `extra_files` (name -> text),
-    reload with plain transformers, compare."""
+def safetensors_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def merge_to_folder(model, tokenizer, final: Path, shard_gb: float, extra_files: dict[str, str] | None = None,
+                    device: str = "cpu") -> MergeResult:
+    """Merge (PEFT adapters, on `device`) or keep (a full model), save to `final` with `extra_files`
+    (name -> text), reload with plain transformers, compare (both on the CPU in fp32)."""
     from transformers import AutoModelForCausalLM
 
     from r1tune.models.methods import exact_lora_targets
 
     batch = probe_batch(model.config.vocab_size)
-    expected = logits_of(model, batch)
+    expected = logits_of(model, batch)  # before moving: the reference is the CPU fp32 model
+    model = model.to(device)
     merged = model.merge_and_unload() if hasattr(model, "peft_config") else model
     tmp = atomic_dir(final)
     try:

@@ -112,8 +112,16 @@ def attach_lora(model: nn.Module, rank: int, alpha: int, dropout: float, targets
 def load_lora(model: nn.Module, adapter_dir: str, trainable: bool = False):
     from peft import PeftModel
 
-    with exact_lora_targets():
-        model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    try:
+        with exact_lora_targets():
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except (RuntimeError, ValueError) as exc:  # an adapter of another base: shapes or module names differ
+        reason = next((line.strip() for line in str(exc).splitlines()
+                       if "size mismatch" in line or "not found in the base model" in line), None)
+        if reason is None:
+            raise
+        raise UserError(f"adapter '{adapter_dir}' does not fit this base model ({reason.split(': copying')[0][:200]}); "
+                        "load it over the base model it was trained on") from None
     use_lowrank_experts(model)
     return model
 
@@ -168,6 +176,16 @@ def adapter_folders(spec: str | None) -> list[str]:
     return [f.strip() for f in (spec or "").split(",") if f.strip()]
 
 
+def require_adapter_folders(spec: str | None) -> list[str]:
+    """adapter_name_or_path's folders, each checked to hold a PEFT adapter."""
+    folders = adapter_folders(spec)
+    for folder in folders:
+        if not (Path(folder) / "adapter_config.json").is_file():
+            raise UserError(f"config key 'adapter_name_or_path': '{folder}' is not a LoRA adapter folder "
+                            "(no adapter_config.json); give the folder a LoRA run saved to")
+    return folders
+
+
 def merged_adapters(spec: str | None, create_new: bool) -> list[str]:
     """The adapter_name_or_path folders merged into the base before training (and so before serving)."""
     folders = adapter_folders(spec)
@@ -183,11 +201,7 @@ def merge_adapters(model: nn.Module, folders: list[str]) -> nn.Module:
 def apply_existing_adapters(model: nn.Module, cfg):
     """adapter_name_or_path: merge all but the last adapter (all with create_new_adapter) into the base;
     the last one otherwise keeps training. Returns (model, True when an adapter is being continued)."""
-    folders = adapter_folders(cfg.adapter_name_or_path)
-    for folder in folders:
-        if not (Path(folder) / "adapter_config.json").is_file():
-            raise UserError(f"config key 'adapter_name_or_path': '{folder}' is not a LoRA adapter folder "
-                            "(no adapter_config.json); give the folder a LoRA run saved to")
+    folders = require_adapter_folders(cfg.adapter_name_or_path)
     merge = merged_adapters(cfg.adapter_name_or_path, cfg.create_new_adapter)
     if merge and cfg.quantization_bit:
         raise UserError("config key 'adapter_name_or_path': adapters cannot be merged into a quantized base "

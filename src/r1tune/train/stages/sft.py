@@ -95,6 +95,7 @@ def add_configured_tokens(tokenizer, cfg: RunConfig) -> list[int]:
 
 
 def run_sft(cfg: RunConfig) -> TrainResult | None:
+    cfg.require("dataset", "output_dir", command="r1tune train")
     out = Path(cfg.output_dir)
     resume = find_checkpoint(cfg.resume_from_checkpoint, out) if cfg.resume_from_checkpoint else None
     if cfg.resume_from_checkpoint and resume is None:
