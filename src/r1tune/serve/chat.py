@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 
 import yaml
@@ -112,22 +111,25 @@ class ReasoningPrinter:
 
 
 def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, out=sys.stdout) -> str:
-    """Stream one assistant reply to `out`; return the full generated text."""
-    from transformers import TextIteratorStreamer
+    """Stream one assistant reply to `out`; return the full generated text. It decodes with the
+    server's engine, so chat and serve give the same tokens (virtual-token adapters included)."""
+    from r1tune.serve.engine import Engine, eos_ids_of
+    from r1tune.serve.sampling import Params
+    from r1tune.serve.ticket import Generated, Ticket
 
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    enc = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(next(model.parameters()).device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    kwargs = dict(**enc, max_new_tokens=max_new_tokens, streamer=streamer, pad_token_id=tokenizer.pad_token_id, **sampling)
-    thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
-    thread.start()
-    printer = ReasoningPrinter(out, reasoning_open=prompt.rstrip().endswith("<think>"))
-    pieces = []
-    for piece in streamer:
-        pieces.append(piece)
-        printer.feed(piece)
-    thread.join()
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    engine = Engine(model, pad, max_batch=1, wait_s=0)
+    printer, pieces = ReasoningPrinter(out, reasoning_open=prompt.rstrip().endswith("<think>")), []
+    try:
+        ticket = engine.submit(Ticket(ids, Params(max_new_tokens, temperature), None, eos_ids_of(model, tokenizer)))
+        for piece in ticket.read(tokenizer, []):
+            if not isinstance(piece, Generated):
+                pieces.append(piece)
+                printer.feed(piece)
+    finally:
+        engine.close()
     printer.finish()
     return "".join(pieces)
 
