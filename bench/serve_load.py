@@ -12,6 +12,9 @@ as r1tune serve did before batching. Every client sends chat requests back to ba
 modes generate the same tokens. Reported per concurrency level: requests/s, generated tokens/s,
 p50 and p99 latency (request sent to full response received), failed requests, and the speed-up
 of batched over one at a time. Before the timed requests each server answers a few warm-up requests.
+A last row per level, "engine, no HTTP", runs the same requests through the batching engine in this
+process (one thread per client, no server): the gap to "batched" is what HTTP, JSON and the server's
+threads cost.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"one at a time": 1, "batched": 32}  # 32: serve_max_batch_size's default
+ENGINE = "engine, no HTTP"
 
 
 def free_port() -> int:
@@ -81,9 +85,47 @@ async def drive(url: str, clients: int, prompts: list[str], max_tokens: int) -> 
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         wall = time.perf_counter() - start
-    latencies.sort()
+    return summary(latencies, len(prompts), tokens, wall, failed)
+
+
+def drive_engine(model_dir: str, clients: int, prompts: list[str], max_tokens: int) -> dict:
+    """The batched engine without HTTP: `clients` threads submit the prompts back to back."""
+    import threading
+
+    from r1tune.models.loading import load_model, load_tokenizer
+    from r1tune.serve.engine import Engine, eos_ids_of
+    from r1tune.serve.sampling import Params
+    from r1tune.serve.ticket import Generated, Ticket
+
+    model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)
+    engine, eos = Engine(model, tokenizer.pad_token_id, max_batch=MODES["batched"]), eos_ids_of(model, tokenizer)
+    todo, latencies, tokens = list(prompts), [], [0]
+
+    def worker():
+        while todo:
+            text = todo.pop()
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+            ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+            start = time.perf_counter()
+            *_, done = engine.submit(Ticket(ids, Params(max_tokens), None, eos)).read(tokenizer, [])
+            latencies.append(time.perf_counter() - start)
+            tokens[0] += done.completion_tokens if isinstance(done, Generated) else 0
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    engine.close()
+    return summary(latencies, len(prompts), tokens[0], wall, failed=0)
+
+
+def summary(latencies: list[float], requests: int, tokens: int, wall: float, failed: int) -> dict:
+    latencies = sorted(latencies)
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"requests": len(prompts), "wall_s": wall, "req_per_s": len(prompts) / wall, "tok_per_s": tokens / wall,
+    return {"requests": requests, "wall_s": wall, "req_per_s": requests / wall, "tok_per_s": tokens / wall,
             "p50_s": pick(0.5), "p99_s": pick(0.99), "failed": failed, "tokens": tokens}
 
 
@@ -105,6 +147,11 @@ def start_server(model_dir: str, max_batch: int):
     raise SystemExit("server did not start")
 
 
+def count(requests: int, clients: int) -> int:
+    """Requests at one concurrency level: a quarter for one client (same kind, less waiting)."""
+    return max(requests // 4, clients) if clients == 1 else requests
+
+
 def measure(model_dir: str, levels: list[int], requests: int, max_tokens: int) -> dict:
     results = {}
     for mode, max_batch in MODES.items():
@@ -112,14 +159,16 @@ def measure(model_dir: str, levels: list[int], requests: int, max_tokens: int) -
         try:
             asyncio.run(drive(url, 2, questions(4), max_tokens))  # warm-up
             for clients in levels:
-                n = max(requests // 4, clients) if clients == 1 else requests  # one client: fewer, same kind
-                results[(mode, clients)] = asyncio.run(drive(url, clients, questions(n), max_tokens))
+                results[(mode, clients)] = asyncio.run(drive(url, clients, questions(count(requests, clients)), max_tokens))
                 r = results[(mode, clients)]
                 print(f"{mode:>13} {clients:>3} clients: {r['req_per_s']:.2f} req/s, {r['tok_per_s']:.0f} tok/s, "
                       f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s, failed {r['failed']}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+    for clients in levels:
+        results[(ENGINE, clients)] = r = drive_engine(model_dir, clients, questions(count(requests, clients)), max_tokens)
+        print(f"{ENGINE:>13} {clients:>3} clients: {r['tok_per_s']:.0f} tok/s, p50 {r['p50_s']:.2f} s", flush=True)
     return results
 
 
@@ -128,9 +177,9 @@ def table(results: dict, levels: list[int]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for clients in levels:
         base = results[("one at a time", clients)]["tok_per_s"]
-        for mode in MODES:
+        for mode in (*MODES, ENGINE):
             r = results[(mode, clients)]
-            speed = f"{r['tok_per_s'] / base:.2f}x" if mode == "batched" else ""
+            speed = f"{r['tok_per_s'] / base:.2f}x" if mode != "one at a time" else ""
             lines.append(f"| {clients} | {mode} | {r['requests']} | {r['req_per_s']:.2f} | {r['tok_per_s']:,.0f} | "
                          f"{r['p50_s']:.2f} s | {r['p99_s']:.2f} s | {r['failed']} | {speed} |")
     return lines

@@ -11,6 +11,7 @@ another kind (sliding windows, say) run a batch to its end before the next one s
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ class Row:
     """One request inside the batch. `emit(token)` returns False once the request is done."""
     ids: list[int]
     params: Params
-    emit: callable
+    emit: Callable[[int], bool]
     position: int = 0  # position id of the next token fed in
     generated: int = 0
 

@@ -26,7 +26,7 @@ OLDEST = object()  # _take: the adapter of the oldest waiting request
 
 
 class Engine:
-    def __init__(self, model, pad_id: int, activate=None, max_batch: int = 16, wait_s: float = 0.005,
+    def __init__(self, model, pad_id: int, activate=None, max_batch: int = 32, wait_s: float = 0.005,
                  max_queue: int = 256, metrics=None):
         self.model, self.pad_id, self.activate = model, pad_id, activate or (lambda adapter: None)
         self.max_batch, self.wait_s, self.max_queue, self.metrics = max_batch, wait_s, max_queue, metrics
@@ -34,7 +34,7 @@ class Engine:
         self.pending: deque[Ticket] = deque()
         self.cond = threading.Condition()
         self.closed = False
-        self.steps = 0  # decoding steps run, for tests and /metrics
+        self.steps = 0  # decoding steps run (tests compare it with the tokens generated)
         model.eval()
         self.thread = threading.Thread(target=self._loop, name="r1tune-engine", daemon=True)
         self.thread.start()

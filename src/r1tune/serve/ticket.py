@@ -84,10 +84,6 @@ class Ticket:
             self.cancel()
         yield Generated("".join(pieces), len(self.ids), self.generated, "stop" if hit else reason)
 
-    def result(self, tokenizer, stops: list[str]) -> Generated:
-        *_, last = self.read(tokenizer, stops)
-        return last
-
 
 class IncrementalDecoder:
     """Decodes a growing token list piece by piece: a few tokens of context are decoded twice and
