@@ -179,7 +179,19 @@ def test_help_and_env(capsys):
             main([command, "--help"])
         assert "example: r1tune" in capsys.readouterr().out
     assert main(["env"]) == 0
-    assert "transformers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for row in ("transformers", "constraints.txt", "cpu AVX-512F", "cpu AVX-512 BF16", "cpu AMX",
+                "torch cpu capability", "bitsandbytes cpu 4-bit", "extra [qlora]", "extra [serve]",
+                "extra [export]"):
+        assert row in out, row
+    assert "deepspeed" not in out
+
+
+def test_env_real_process():
+    result = run_cli("env")
+    assert result.returncode == 0, result.stderr
+    assert "cpu AMX" in result.stdout and "extra [serve]" in result.stdout
+    assert "Traceback" not in result.stderr and "gemm_4bit" not in result.stderr  # bitsandbytes kept quiet
 
 
 def test_data_check(run_file, capsys):

@@ -125,3 +125,38 @@ def test_twenty_thousand_texts_are_fast():
     report = find_duplicates(texts)
     assert time.perf_counter() - start < 20
     assert report.exact_groups == [[5, 19_999]]
+
+
+def test_find_repeats_across_sets_streamed_in_chunks():
+    from r1tune.data.dedup import find_repeats
+
+    changed = SENTENCE.replace("summer", "winter")
+    assert changed != SENTENCE
+    queries = [SENTENCE.upper(), "something else entirely, nothing like the corpus", changed, ""]
+    corpus = [["unrelated text one", "unrelated text two"], [], ["  " + SENTENCE + " ", "x"], [changed + "!"]]
+    found = find_repeats(queries, iter(corpus))
+    assert found[0] == (2, 1.0, True)  # exact after normalisation (case, spaces); index counts across chunks
+    assert found[2].corpus_index in (2, 4) and found[2].similarity >= 0.8 and not found[2].exact
+    assert find_repeats([changed + "!"], iter(corpus))[0] == (4, 1.0, True)  # an exact repeat wins
+    assert 1 not in found and 3 not in found
+    assert find_repeats([], iter(corpus)) == {}
+    assert find_repeats(queries, iter([])) == {}
+
+
+def test_find_repeats_agrees_with_find_duplicates():
+    import random
+
+    rng = random.Random(3)
+    words = [f"w{i}" for i in range(40)]
+    texts = [" ".join(rng.choices(words, k=12)) for _ in range(300)]
+    texts += [t.replace("w1 ", "w2 ", 1) for t in texts[:60]]  # near copies
+    from r1tune.data.dedup import find_repeats
+
+    queries, corpus = texts[:150], texts[150:]
+    report = find_duplicates(queries + corpus)
+    exact = {i for g in report.exact_groups for i in g if i < 150 and any(j >= 150 for j in g)}
+    near = {i for i, j, _ in report.near_pairs if i < 150 <= j}
+    found = find_repeats(queries, [corpus[k:k + 64] for k in range(0, len(corpus), 64)])
+    assert exact | near <= set(found)  # every cross pair the all-pairs search lists is found
+    assert all(r.similarity >= 0.8 for r in found.values())
+    assert {i for i, r in found.items() if r.exact} == exact

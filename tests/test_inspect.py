@@ -28,6 +28,7 @@ def test_stats_report_and_warnings(tmp_path, tiny_ds, capsys):
     assert stats["records"] == 102 and stats["kinds"] == {"cls": 102}
     assert stats["labels"] == {"positive": 91, "negative": 11} and abs(stats["negative_share"] - 11 / 102) < 1e-9
     assert stats["exact_duplicates"] == 1 and stats["near_duplicates"] >= 1 and stats["over_cutoff"] == 1
+    assert stats["repeated_prompts"] >= 1  # the repeated review is also a repeated prompt
     warnings = " ".join(stats["warnings"])
     assert "only 102 samples" in warnings and "negative labels are 10.8%" in warnings
     assert plot.stat().st_size > 1000

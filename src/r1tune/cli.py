@@ -97,12 +97,15 @@ def cmd_data(args) -> int:
 def _run_data_action(args, console) -> None:
     from r1tune.data import inspect
     from r1tune.data.dataset import prepare_data
+    from r1tune.data.leakage import act_on_leakage
+    from r1tune.ui import warn
 
     cfg, tokenizer = _data_setup(args)
     if args.action == "check":
         data = prepare_data(cfg, tokenizer, say=console.print)
         for line in data.report.lines():
             console.print(f"data: {line}")
+        act_on_leakage(data.report.leakage, cfg.val_leakage, cfg.source, warn)
         console.print(f"ok: {len(data.train)} training and {len(data.val)} validation samples")
     elif args.action == "stats":
         stats = inspect.compute_stats(cfg, tokenizer)
@@ -155,14 +158,19 @@ def _chat_model(args):
 
 
 def cmd_tiny(args) -> int:
-    from r1tune.models.tiny import build_tiny
+    from r1tune.models.tiny import build_tiny, check_hidden_size
 
+    try:
+        check_hidden_size(args.hidden_size)
+    except ValueError as exc:
+        raise UserError(f"--hidden-size: {exc}") from None
     out = build_tiny(args.out, args.arch, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"wrote tiny {args.arch} model and tokenizer to {out}")
     return 0
 
 
 def cmd_env(args) -> int:
+    from rich.markup import escape
     from rich.table import Table
 
     from r1tune.envinfo import collect
@@ -172,7 +180,7 @@ def cmd_env(args) -> int:
     table.add_column("item")
     table.add_column("value")
     for key, value in collect():
-        table.add_row(key, value)
+        table.add_row(escape(key), escape(value))  # values hold brackets: r1tune[serve]
     console.print(table)
     return 0
 
@@ -225,10 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to write")
     p.add_argument("--arch", choices=["deepseek_v3", "qwen2", "llama"], default="deepseek_v3")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--hidden-size", type=int, default=256, help="a multiple of 64 (default 256)")
     p.add_argument("--layers", type=int, default=4)
 
-    add("env", "Show versions of python/torch/transformers/peft/trl/accelerate, devices, bf16 support and extras.", cmd_env)
+    add("env", "Show versions (each marked tested or untested against constraints.txt), the CPU's matmul "
+               "features (AVX2, AVX-512F, AVX-512 BF16, AMX) and what torch and bitsandbytes make of them, CUDA "
+               "devices, and the qlora/serve/export extras with what needs each.", cmd_env)
 
     p = add("data", "Inspect a run's data: check it, report statistics, or preview rendered samples.", cmd_data)
     p.add_argument("action", choices=["check", "stats", "preview"],

@@ -131,6 +131,8 @@ class RunConfig(BaseModel):
     on_bad_record: Literal["error", "skip"] = Field(
         "error", description="A malformed record stops the run ('error'), or is skipped, counted per reason and written to output_dir/skipped_records.jsonl ('skip').")
     val_size: float = Field(0.0, ge=0.0, description="Held-out validation share: a fraction (< 1) or a record count (>= 1).")
+    val_leakage: Literal["warn", "error", "ignore"] = Field(
+        "warn", description="Validation prompts that training also has, exactly or nearly (MinHash similarity >= 0.8 of the normalised prompt text): 'warn' prints a warning with the count and examples, 'error' refuses to train (exit 2), 'ignore' says nothing. Checked by r1tune train and data check.")
     # --- augmentation (re-drawn every epoch, seeded; user turns only unless augment_targets) ---
     augment_synonym_prob: float = Field(0.0, ge=0.0, le=1.0, description="Per word (Chinese: per table phrase) of user text: chance to replace it by a synonym from the bundled EN/ZH tables (or augment_synonyms_file).")
     augment_insert_prob: float = Field(0.0, ge=0.0, le=1.0, description="Per word: chance to insert a synonym of a word of the text next to it (random insertion).")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from r1tune.data.dataset import (CHUNK, DataReport, PreparedData, SkippedRecord, encode_all, encode_chunk,
                                  held_out_indices, iter_samples, load_samples)
 from r1tune.data.kinds import Sample
+from r1tune.data.leakage import Leakage, find_leakage
 from r1tune.data.registry import resolve_datasets
 from r1tune.data.store import ExampleStore, StoreWriter
 from r1tune.errors import UserError
@@ -98,6 +99,7 @@ def prepare_cached(cfg, tokenizer, say=print) -> PreparedData:
 def load_entry(folder: Path) -> PreparedData:
     report = DataReport(**json.loads((folder / "report.json").read_text(encoding="utf-8")))
     report.dropped = _counter(report.dropped)
+    report.leakage = Leakage(**report.leakage) if report.leakage else None
     report.skipped = [SkippedRecord(**row) for row in _read_jsonl(folder / "skipped.jsonl")]
     val_samples = [Sample(**row) for row in _read_jsonl(folder / "val_samples.jsonl")]
     return PreparedData(ExampleStore(folder, "train"), ExampleStore(folder, "val"), val_samples, [], report)
@@ -110,7 +112,8 @@ def _build(cfg, tokenizer, folder: Path) -> None:
     tmp.mkdir()
     try:
         report = DataReport()
-        train_stream, val_samples = _split_streams(cfg, report)
+        open_train, val_samples = _split_streams(cfg, report)
+        train_stream = open_train(report.skipped if cfg.on_bad_record == "skip" else None)
         with StoreWriter(tmp, "train") as writer, \
                 tqdm(desc="tokenizing", unit=" records", leave=False, disable=None) as bar:
             for examples, part in _encoded_chunks(tokenizer, _chunks(train_stream), cfg):
@@ -124,12 +127,15 @@ def _build(cfg, tokenizer, folder: Path) -> None:
             raise UserError(f"no training sample is left after tokenization ({reasons}); "
                             "raise cutoff_len or shorten the prompts")
         val, kept = encode_all(tokenizer, val_samples, cfg, report)
+        if kept:  # a second pass over training: only the validation prompts are held
+            report.leakage = find_leakage(kept, _chunks(open_train([] if cfg.on_bad_record == "skip" else None)))
         with StoreWriter(tmp, "val") as val_writer:
             val_writer.add(val)
         _write_jsonl(tmp / "val_samples.jsonl", (dataclasses.asdict(s) for s in kept))
         _write_jsonl(tmp / "skipped.jsonl", (dataclasses.asdict(s) for s in report.skipped))
         counts = {f.name: getattr(report, f.name) for f in dataclasses.fields(report) if f.name != "skipped"}
         counts["dropped"] = dict(report.dropped)  # (asdict would rebuild the Counter from tuples)
+        counts["leakage"] = dataclasses.asdict(report.leakage) if report.leakage else None
         (tmp / "report.json").write_text(json.dumps(counts), encoding="utf-8")
         _move_into_place(tmp, folder)
     finally:
@@ -146,30 +152,34 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
 
 
 def _split_streams(cfg, report: DataReport):
-    """(training sample stream, validation samples): eval_dataset, or val_size held out as split_validation does."""
+    """(open_train(skipped) -> training sample stream, validation samples): eval_dataset, or val_size held
+    out as split_validation does. Validation fills while the first training stream is consumed."""
     skipped = report.skipped if cfg.on_bad_record == "skip" else None
     load = dict(stage=cfg.stage, seed=cfg.seed)
     mixed = dict(mix_strategy=cfg.mix_strategy, interleave_probs=cfg.interleave_probs)
+
+    def records(sink):
+        return iter_samples(cfg.dataset, cfg.dataset_dir, cfg.max_samples, sink, **load, **mixed)
     if cfg.eval_dataset:
         val = load_samples(cfg.eval_dataset, cfg.dataset_dir, cfg.max_samples, skipped, key="eval_dataset", **load)
-        return iter_samples(cfg.dataset, cfg.dataset_dir, cfg.max_samples, skipped, **load, **mixed), val
+        return records, val
     if cfg.val_size <= 0:
-        return iter_samples(cfg.dataset, cfg.dataset_dir, cfg.max_samples, skipped, **load, **mixed), []
+        return records, []
     quiet = [] if skipped is not None else None  # the counting pass reports nothing
-    total = sum(1 for _ in iter_samples(cfg.dataset, cfg.dataset_dir, cfg.max_samples, quiet, **load, **mixed))
+    total = sum(1 for _ in records(quiet))
     if not total:
         raise UserError(f"'dataset' ({cfg.dataset}) holds no usable records; check the file is not empty")
     held = held_out_indices(total, cfg.val_size, cfg.seed, cfg.source)
     val: list[Sample] = []
 
-    def train():
-        for index, sample in enumerate(iter_samples(cfg.dataset, cfg.dataset_dir, cfg.max_samples, skipped,
-                                                    **load, **mixed)):
-            if index in held:
-                val.append(sample)
-            else:
+    def train(sink):
+        fill = not val
+        for index, sample in enumerate(records(sink)):
+            if index not in held:
                 yield sample
-    return train(), val  # `val` fills while the training stream is consumed, before it is encoded
+            elif fill:
+                val.append(sample)
+    return train, val
 
 
 def _chunks(stream):

@@ -15,6 +15,7 @@ from r1tune.data.encode import (Example, TemplateMismatch, encode_segments_batch
                                 truncate)
 from r1tune.data.formats import Conversation
 from r1tune.data.kinds import Sample, pretraining_text, to_sample
+from r1tune.data.leakage import Leakage, find_leakage
 from r1tune.data.packing import pack_examples
 from r1tune.data.readers import read_records
 from r1tune.data.registry import resolve_datasets
@@ -51,6 +52,7 @@ class DataReport:
     target_tokens: int = 0
     tokens: int = 0
     skipped: list[SkippedRecord] = field(default_factory=list)
+    leakage: Leakage | None = None  # validation prompts training also has (None: no validation split)
 
     def merge(self, other: "DataReport") -> None:
         """Add the counts of a report built elsewhere (a worker's chunk)."""
@@ -68,6 +70,10 @@ class DataReport:
             out.append(f"training samples packed into {self.packed_rows} rows")
         out += [f"dropped {n}: {reason}" for reason, n in self.dropped.items()]
         out += [f"skipped {n} bad records: {reason}" for reason, n in Counter(s.reason for s in self.skipped).items()]
+        if self.leakage:
+            found = f"{self.leakage.leaked} repeat" if self.leakage.leaked else "none repeats"
+            out.append(f"{self.leakage.checked} validation prompts compared with training: {found} "
+                       "a training prompt exactly or nearly")
         return out
 
 
@@ -349,6 +355,8 @@ def _prepare_in_memory(cfg, tokenizer) -> PreparedData:
     if not train:
         reasons = ", ".join(f"{n} × {r}" for r, n in report.dropped.items())
         raise UserError(f"no training sample is left after tokenization ({reasons}); raise cutoff_len or shorten the prompts")
+    if val_samples:
+        report.leakage = find_leakage(val_samples, [train_items[i:i + CHUNK] for i in range(0, len(train_items), CHUNK)])
     return PreparedData(train, val, val_samples, train_samples, report)
 
 

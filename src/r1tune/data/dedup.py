@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -97,19 +98,85 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 def find_duplicates(texts: list[str], threshold: float = 0.8, num_perm: int = 64,
                     shingle: int = 5, seed: int = 0) -> DuplicateReport:
+    _check_params(threshold, num_perm, shingle)
+    if not texts:
+        return DuplicateReport()
+    digests, sigs, has_sig = _signatures(texts, shingle, _permutations(seed, num_perm))
+    exact_groups, is_first = _exact_groups(digests)
+    reps = np.flatnonzero(is_first & has_sig)
+    near_pairs = _near_pairs(sigs, reps, threshold, num_perm)
+    return DuplicateReport(exact_groups=exact_groups, near_pairs=near_pairs)
+
+
+class Repeat(NamedTuple):
+    corpus_index: int
+    similarity: float  # MinHash estimate of the Jaccard similarity (1.0 for exact repeats)
+    exact: bool  # identical after normalisation
+
+
+def find_repeats(queries: list[str], corpus_chunks, threshold: float = 0.8, num_perm: int = 64,
+                 shingle: int = 5, seed: int = 0) -> dict[int, Repeat]:
+    """{query index: Repeat} for each query that a corpus text repeats exactly (after normalisation)
+    or nearly (MinHash estimate >= threshold); an exact repeat wins over a near one, else the first
+    match found. `corpus_chunks` yields lists of texts, so the corpus can be streamed; only the
+    queries' signatures are held. Made for a validation set (queries) against training data."""
+    _check_params(threshold, num_perm, shingle)
+    found: dict[int, Repeat] = {}
+    if not queries:
+        return found
+    perms = _permutations(seed, num_perm)
+    q_digests, q_sigs, q_has = _signatures(queries, shingle, perms)
+    by_digest: dict[bytes, list[int]] = {}
+    for i, digest in enumerate(q_digests):
+        by_digest.setdefault(digest.tobytes(), []).append(i)
+    bands, rows = lsh_params(threshold, num_perm)
+    q_keys = _band_keys(q_sigs, bands, rows)
+    offset = 0
+    for chunk in corpus_chunks:
+        if not chunk:
+            continue
+        digests, sigs, has_sig = _signatures(chunk, shingle, perms)
+        for j, digest in enumerate(digests):
+            for i in by_digest.get(digest.tobytes(), ()):
+                if not (i in found and found[i].exact):
+                    found[i] = Repeat(offset + j, 1.0, True)
+        keys = _band_keys(sigs, bands, rows)
+        for band in range(bands):
+            open_q = np.flatnonzero(q_has & ~np.isin(np.arange(len(queries)), list(found)))
+            if not len(open_q):
+                break  # exact repeats are still looked for in later chunks
+            order = open_q[np.argsort(q_keys[open_q, band], kind="stable")]
+            sorted_keys = q_keys[order, band]
+            lo = np.searchsorted(sorted_keys, keys[:, band], side="left")
+            hi = np.searchsorted(sorted_keys, keys[:, band], side="right")
+            counts = np.where(has_sig, hi - lo, 0)
+            j = np.repeat(np.arange(len(chunk)), counts)  # candidate pairs (query i, corpus j)
+            i = order[np.repeat(lo, counts) + np.arange(len(j)) - np.repeat(np.cumsum(counts) - counts, counts)]
+            similarity = (q_sigs[i] == sigs[j]).mean(axis=1)
+            for qi, cj, sim in zip(i.tolist(), j.tolist(), similarity.tolist()):
+                if sim >= threshold - 1e-9:
+                    found.setdefault(qi, Repeat(offset + cj, sim, False))
+        offset += len(chunk)
+    return found
+
+
+def _check_params(threshold: float, num_perm: int, shingle: int) -> None:
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
     if num_perm < 1 or shingle < 1 or shingle > len(_SHINGLE_MULT) - 1:
         raise ValueError(f"num_perm must be >= 1 and shingle from 1 to {len(_SHINGLE_MULT) - 1}")
-    n = len(texts)
-    if n == 0:
-        return DuplicateReport()
 
+
+def _permutations(seed: int, num_perm: int) -> tuple[np.ndarray, np.ndarray]:
     raw = np.random.default_rng(seed).bit_generator.random_raw(2 * num_perm).astype(np.uint64)
-    perm_a, perm_b = raw[:num_perm] | _U64(1), raw[num_perm:]
+    return raw[:num_perm] | _U64(1), raw[num_perm:]
 
+
+def _signatures(texts: list[str], shingle: int, perms) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(128-bit digests of the normalised texts, MinHash signatures, which texts have one), chunk by chunk."""
+    n = len(texts)
     digests = np.empty((n, 2), dtype=np.uint64)
-    sigs = np.zeros((n, num_perm), dtype=np.uint32)
+    sigs = np.zeros((n, len(perms[0])), dtype=np.uint32)
     has_sig = np.zeros(n, dtype=bool)
     for start in range(0, n, _CHUNK_TEXTS):
         chunk = [normalise(t) for t in texts[start:start + _CHUNK_TEXTS]]
@@ -117,12 +184,19 @@ def find_duplicates(texts: list[str], threshold: float = 0.8, num_perm: int = 64
         digests[start:stop] = np.frombuffer(
             b"".join(hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest()
                      for t in chunk), dtype="<u8").reshape(-1, 2)
-        _minhash_chunk(chunk, shingle, perm_a, perm_b, sigs[start:stop], has_sig[start:stop])
+        _minhash_chunk(chunk, shingle, *perms, sigs[start:stop], has_sig[start:stop])
+    return digests, sigs, has_sig
 
-    exact_groups, is_first = _exact_groups(digests)
-    reps = np.flatnonzero(is_first & has_sig)
-    near_pairs = _near_pairs(sigs, reps, threshold, num_perm)
-    return DuplicateReport(exact_groups=exact_groups, near_pairs=near_pairs)
+
+def _band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(texts, bands) LSH bucket keys: each band's rows of the signature hashed to 64 bits."""
+    keys = np.empty((len(sigs), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for band in range(bands):
+            part = sigs[:, band * rows:(band + 1) * rows].astype(np.uint64)
+            column = (part * _SHINGLE_MULT[:rows]).sum(axis=1)
+            keys[:, band] = column ^ (column >> _U64(29))
+    return keys
 
 
 def _shingle_hashes(chunk: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -205,20 +279,17 @@ def _near_pairs(sigs, reps, threshold, num_perm) -> list[tuple[int, int, float]]
     if m < 2:
         return []
     bands, rows = lsh_params(threshold, num_perm)
-    keys_mult = _SHINGLE_MULT[:rows]
+    all_keys = _band_keys(sigs[reps], bands, rows)
     codes = []
-    with np.errstate(over="ignore"):
-        for band in range(bands):
-            part = sigs[reps, band * rows:(band + 1) * rows].astype(np.uint64)
-            keys = (part * keys_mult).sum(axis=1)
-            keys ^= keys >> _U64(29)
-            order = np.argsort(keys, kind="stable")          # within a bucket: record order
-            sk = keys[order]
-            for d in range(1, BUCKET_WINDOW + 1):
-                same = sk[d:] == sk[:-d]
-                if not same.any():
-                    break                                   # no bucket has more than d members
-                codes.append(order[:-d][same].astype(np.int64) * m + order[d:][same])
+    for band in range(bands):
+        keys = all_keys[:, band]
+        order = np.argsort(keys, kind="stable")          # within a bucket: record order
+        sk = keys[order]
+        for d in range(1, BUCKET_WINDOW + 1):
+            same = sk[d:] == sk[:-d]
+            if not same.any():
+                break                                   # no bucket has more than d members
+            codes.append(order[:-d][same].astype(np.int64) * m + order[d:][same])
     if not codes:
         return []
     codes = np.unique(np.concatenate(codes))

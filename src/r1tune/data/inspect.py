@@ -60,6 +60,7 @@ def print_stats(stats: DataStats) -> None:
         table.add_row(f"tokens {key}", f"{summary[key]:,.0f}")
     rows = [("longer than cutoff_len", stats.over_cutoff), ("dropped at cutoff_len (no answer left)", stats.dropped_at_cutoff),
             ("exact duplicates", stats.exact_duplicates), ("near duplicates", stats.near_duplicates),
+            ("repeated prompts", stats.repeated_prompts),
             ("empty answers", stats.empty_answers)]
     for label, n in rows:
         table.add_row(label, f"{n:,}")

@@ -17,6 +17,7 @@ import numpy as np
 from r1tune.data.dedup import find_duplicates
 from r1tune.data.encode import split_reasoning
 from r1tune.data.kinds import Sample
+from r1tune.data.leakage import prompt_text
 
 MIN_SAMPLES = 5000
 NEGATIVE_RANGE = (0.15, 0.20)
@@ -34,6 +35,7 @@ class DataStats:
     empty_answers: int = 0
     exact_duplicates: int = 0
     near_duplicates: int = 0
+    repeated_prompts: int = 0  # prompts equal or near an earlier record's prompt (what a split can leak)
     labels: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
@@ -58,6 +60,7 @@ class DataStats:
                 "cutoff_len": self.cutoff_len, "over_cutoff": self.over_cutoff,
                 "dropped_at_cutoff": self.dropped_at_cutoff, "empty_answers": self.empty_answers,
                 "exact_duplicates": self.exact_duplicates, "near_duplicates": self.near_duplicates,
+                "repeated_prompts": self.repeated_prompts,
                 "labels": dict(self.labels), "negative_share": self.negative_share(),
                 "skipped": dict(self.skipped), "warnings": self.warnings}
 
@@ -88,6 +91,8 @@ def collect_stats(samples: list[Sample], lengths: list[int], target_counts: list
     stats.labels = Counter(s.label for s in samples if s.label is not None)
     duplicates = find_duplicates([sample_text(s) for s in samples], threshold=near_threshold)
     stats.exact_duplicates, stats.near_duplicates = duplicates.exact_duplicates, duplicates.near_duplicates
+    prompts = find_duplicates([prompt_text(s) for s in samples], threshold=near_threshold)
+    stats.repeated_prompts = len({j for g in prompts.exact_groups for j in g[1:]} | {j for _, j, _ in prompts.near_pairs})
     stats.warnings = warnings_for(stats)
     return stats
 
@@ -109,8 +114,11 @@ def warnings_for(stats: DataStats) -> list[str]:
         out.append(f"{stats.over_cutoff:,} samples are longer than cutoff_len {stats.cutoff_len} "
                    "(truncated, or chunked with long_samples: chunk)")
     if stats.exact_duplicates or stats.near_duplicates:
-        out.append(f"{stats.exact_duplicates:,} exact and {stats.near_duplicates:,} near duplicates: "
-                   "repeated samples weigh more in training and leak across train/validation")
+        out.append(f"{stats.exact_duplicates:,} exact and {stats.near_duplicates:,} near duplicates (whole samples, "
+                   "reasoning included): repeated content weighs more in training")
+    if stats.repeated_prompts:
+        out.append(f"{stats.repeated_prompts:,} prompts repeat an earlier prompt exactly or nearly: a validation "
+                   "split can hold prompts training also has (r1tune train and data check report it; val_leakage)")
     if stats.empty_answers:
         out.append(f"{stats.empty_answers:,} samples have an empty answer (after any reasoning)")
     return out

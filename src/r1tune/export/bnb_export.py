@@ -21,7 +21,8 @@ import torch
 from r1tune.export.evalset import EvalSet, eval_perplexity, fixed_sentences
 from r1tune.export.int8 import load_fp32
 from r1tune.export.merge import safetensors_bytes
-from r1tune.models.quantize import flatten_int8_inputs, quantization_config, require_bitsandbytes
+from r1tune.models.quantize import (CPU_4BIT_BLOCKSIZE, CPU_4BIT_ROWS, cpu_4bit_misfits, flatten_int8_inputs, output_head_name,
+                                    quantization_config, require_bitsandbytes)
 from r1tune.train.checkpoint import atomic_dir, commit_dir
 
 INT8_CPU_NOTE = ("bitsandbytes' CPU LLM.int8 kernel takes inputs of at most 3 dimensions and this model's attention "
@@ -63,15 +64,17 @@ def quantize_bnb(model_dir, out_dir, bits: int, evalset: EvalSet | None = None) 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     evalset = evalset or fixed_sentences(tokenizer)
     fp32_ppl = eval_perplexity(load_fp32(model_dir), evalset, tokenizer)
+    skip, notes = _layers_kept_fp32(model_dir, bits)
     tmp = atomic_dir(out_dir)
     try:
         quantized = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, quantization_config=quantization_config(bits), **_placement())
+            model_dir, dtype=torch.float32, quantization_config=quantization_config(bits, skip_modules=skip),
+            **_placement())
         quantized.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del quantized
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, **_placement())  # nothing from r1tune
-        ppl, notes = _perplexity(reloaded, evalset, tokenizer)
+        ppl, ppl_notes = _perplexity(reloaded, evalset, tokenizer)
         layers, share, kept = _quantized_share(reloaded)
         size = safetensors_bytes(tmp)
         commit_dir(tmp, out_dir)
@@ -79,7 +82,27 @@ def quantize_bnb(model_dir, out_dir, bits: int, evalset: EvalSet | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return BnbReport(out_dir, bits, size, safetensors_bytes(model_dir), ppl, fp32_ppl, evalset.description,
-                     layers, share, notes + kept)
+                     layers, share, notes + ppl_notes + kept)
+
+
+def _layers_kept_fp32(model_dir: Path, bits: int) -> tuple[list[str] | None, list[str]]:
+    """4-bit: the layers bitsandbytes' CPU kernel cannot pack stay fp32 (with the output head), so the
+    copy runs on every CPU and GPU; the list is recorded in config.json, which plain transformers reads."""
+    if bits != 4:
+        return None, []
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    misfits = cpu_4bit_misfits(skeleton)
+    if not misfits:
+        return None, []
+    shown = ", ".join(f"{name} ({n_in} -> {n_out})" for name, (n_in, n_out) in list(misfits.items())[:3])
+    more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+    note = (f"{len(misfits)} linear layers stay fp32 because bitsandbytes' CPU 4-bit kernel (AVX-512 BF16 "
+            f"CPUs) needs output widths divisible by {CPU_4BIT_ROWS} and input widths by {CPU_4BIT_BLOCKSIZE}: "
+            f"{shown}{more}")
+    return [output_head_name(skeleton) or "lm_head", *misfits], [note]
 
 
 def _perplexity(model, evalset: EvalSet, tokenizer) -> tuple[float, list[str]]:

@@ -21,18 +21,46 @@ def require_bitsandbytes(key: str) -> None:
                         "install it with `pip install bitsandbytes` (>= 0.49 for CPU) or remove the key") from None
 
 
+# bitsandbytes (0.49+) repacks a 4-bit weight for its CPU kernel on CPUs with AVX-512 BF16: output rows
+# in blocks of 32 and the per-block scales as (out, in / 64), so it asserts or fails on a layer whose
+# output width is not a multiple of 32 or whose input width is not a multiple of the 64-wide block.
+CPU_4BIT_ROWS = 32
+CPU_4BIT_BLOCKSIZE = 64
+
+
 def quantization_config(bits: int | None, quant_type: str = "nf4", double: bool = True,
-                        compute_dtype: torch.dtype = torch.float32):
-    """transformers' BitsAndBytesConfig for `bits`, or None when the base is not quantized."""
+                        compute_dtype: torch.dtype = torch.float32, skip_modules: list[str] | None = None):
+    """transformers' BitsAndBytesConfig for `bits`, or None when the base is not quantized.
+
+    `skip_modules` replaces transformers' default list (the output head), so include it there."""
     if bits is None:
         return None
     require_bitsandbytes("quantization_bit")
     from transformers import BitsAndBytesConfig
 
+    skip = {"llm_int8_skip_modules": skip_modules} if skip_modules else {}
     if bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
-                              bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_use_double_quant=double, bnb_4bit_compute_dtype=compute_dtype, **skip)
+
+
+def fits_cpu_4bit(in_features: int, out_features: int) -> bool:
+    return out_features % CPU_4BIT_ROWS == 0 and in_features % CPU_4BIT_BLOCKSIZE == 0
+
+
+def cpu_4bit_misfits(model) -> dict[str, tuple[int, int]]:
+    """{name: (in, out) widths} of the nn.Linear layers bitsandbytes' CPU 4-bit kernel cannot repack.
+
+    Works on a model built on the meta device (no weights needed)."""
+    head = model.get_output_embeddings()
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and not fits_cpu_4bit(m.in_features, m.out_features)}
+
+
+def output_head_name(model) -> str | None:
+    head = model.get_output_embeddings()
+    return next((name for name, module in model.named_modules() if module is head), None)
 
 
 def keep_4bit_layout(model) -> int:

@@ -56,10 +56,31 @@ def _corpus_lines():
         yield from folder.joinpath(name).read_text(encoding="utf-8").splitlines()
 
 
+# Layer widths for any hidden_size that is a multiple of 64: every nn.Linear's output is a multiple
+# of 32 and its input a multiple of 64, which bitsandbytes' CPU 4-bit kernel (AVX-512 BF16 CPUs)
+# needs (models/quantize.py); bench/layer_widths.py also shows odd widths (80) costing 15-25 % more
+# per column than 96 or 128 on an AMX CPU.
+HIDDEN_MULTIPLE = 64
+# DeepSeek-V3's MLA head dims halved (real: rope 64, nope 128, v 128): a query/key head is 96 wide and
+# a value head 64, unequal as in the real model.
+ROPE_DIM, NOPE_DIM, V_DIM = 32, 64, 64
+
+
+def round_up(value: float, multiple: int) -> int:
+    return int(-(-value // multiple) * multiple)
+
+
+def check_hidden_size(hidden_size: int) -> None:
+    if hidden_size < HIDDEN_MULTIPLE or hidden_size % HIDDEN_MULTIPLE:
+        raise ValueError(f"hidden_size must be a positive multiple of {HIDDEN_MULTIPLE} (got {hidden_size}), "
+                         "so that every layer width suits the CPU kernels")
+
+
 def model_config(arch: str, vocab_size: int, hidden_size: int = 256, num_layers: int = 4, tokenizer=None):
-    """A small config of `arch`; sizes scale together from hidden_size."""
+    """A small config of `arch`; sizes scale together from hidden_size (a multiple of 64)."""
     from transformers import DeepseekV3Config, LlamaConfig, Qwen2Config
 
+    check_hidden_size(hidden_size)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id) if tokenizer is not None else {}
     heads = max(2, hidden_size // 64)
@@ -67,16 +88,18 @@ def model_config(arch: str, vocab_size: int, hidden_size: int = 256, num_layers:
                   num_attention_heads=heads, max_position_embeddings=4096, tie_word_embeddings=False, **ids)
     if arch == "deepseek_v3":
         return DeepseekV3Config(
-            **common, intermediate_size=2 * hidden_size, moe_intermediate_size=hidden_size // 2,
+            **common, intermediate_size=2 * hidden_size, moe_intermediate_size=round_up(hidden_size / 2, HIDDEN_MULTIPLE),
             num_key_value_heads=heads, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=hidden_size // 4,
-            q_lora_rank=hidden_size // 2, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
-            num_mtp_layers=0)
+            first_k_dense_replace=1, n_group=1, topk_group=1,
+            kv_lora_rank=round_up(hidden_size / 4, HIDDEN_MULTIPLE), q_lora_rank=round_up(hidden_size / 2, HIDDEN_MULTIPLE),
+            qk_rope_head_dim=ROPE_DIM,
+            qk_nope_head_dim=NOPE_DIM, v_head_dim=V_DIM, num_mtp_layers=0)
     kv_heads = max(1, heads // 2)
+    inner = round_up(2.75 * hidden_size, HIDDEN_MULTIPLE)
     if arch == "qwen2":
-        return Qwen2Config(**common, intermediate_size=int(2.75 * hidden_size), num_key_value_heads=kv_heads)
+        return Qwen2Config(**common, intermediate_size=inner, num_key_value_heads=kv_heads)
     if arch == "llama":
-        return LlamaConfig(**common, intermediate_size=int(2.75 * hidden_size), num_key_value_heads=kv_heads)
+        return LlamaConfig(**common, intermediate_size=inner, num_key_value_heads=kv_heads)
     raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHES}")
 
 

@@ -17,6 +17,7 @@ import torch
 from r1tune.config import RunConfig, config_to_yaml
 from r1tune.data.dataset import prepare_data, write_skipped
 from r1tune.data.epochs import augmented_epochs
+from r1tune.data.leakage import act_on_leakage
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.evaluation.generate import GenerationScore, exact_match, generation_metrics
@@ -34,7 +35,7 @@ from r1tune.train.checkpoint import atomic_dir, find_checkpoint, list_checkpoint
 from r1tune.train.logs import plot_loss, truncate_log_after
 from r1tune.train.regularize import apply_regularisation
 from r1tune.train.trainer import TrainResult, Trainer, check_precision, pick_device, total_steps, use_bf16
-from r1tune.ui import console, print_comparison
+from r1tune.ui import console, print_comparison, warn
 
 FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml", BOTTLENECK_CONFIG)
 RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "update_heatmap.png", "eval_results.json", "r1tune_config.yaml",
@@ -111,6 +112,7 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     epochs = augmented_epochs(cfg, tokenizer, data.train_samples, data.train)  # checks the augment_* keys
     for line in data.report.lines():
         console.print(f"data: {line}")
+    act_on_leakage(data.report.leakage, cfg.val_leakage, cfg.source, warn)
     if not cfg.do_train:
         console.print("do_train is false: data checked, nothing trained")
         return None
