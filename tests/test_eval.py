@@ -1,8 +1,10 @@
-"""`r1tune eval`: report files, thresholds (exit 1 on FAIL), config errors, robustness and multiple choice."""
+"""`r1tune eval`: report files, thresholds (exit 1 on FAIL), config errors, robustness and multiple choice,
+n/a metrics (BLEU-4 of the quickstart's one-word answers) and a line per phase."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -35,7 +37,7 @@ def eval_cfg(trained, **keys):
     return make_cfg(model, data, out, **{**raw, **keys})
 
 
-def test_report_predictions_and_a_passing_gate(trained):
+def test_report_predictions_and_a_passing_gate(trained, capsys):
     code = run_eval(eval_cfg(trained, eval_thresholds=["perplexity > 0", "exact_match >= 0"]))
     folder = trained[2] / "eval"
     report = json.loads((folder / "eval_report.json").read_text())
@@ -44,6 +46,17 @@ def test_report_predictions_and_a_passing_gate(trained):
         assert key in report["tuned"] and key in report["base"]
     assert "ppl_drop" in report["derived"] and "| threshold |" in (folder / "eval_report.md").read_text()
     assert len((folder / "predictions_base.jsonl").read_text().splitlines()) == 8
+    # one-word answers: BLEU-4 is n/a, with the reason, instead of 0.0000
+    assert report["tuned"]["bleu4"] is None and report["derived"]["bleu4_gain"] is None
+    assert report["not_applicable"]["tuned"] == {"bleu4": "references under 4 tokens"}
+    assert isinstance(report["tuned"]["rouge_l"], float) and isinstance(report["tuned"]["f1_macro"], float)
+    out = capsys.readouterr().out
+    assert "n/a (references under 4 tokens)" in out and "0.0000" not in next(
+        line for line in out.splitlines() if " bleu4 " in line)
+    phases = [line for line in out.splitlines() if re.fullmatch(r"(tuned|base) (perplexity|generation): \d+ batch(es)?",
+                                                                line)]
+    assert [p.split(":")[0] for p in phases] == ["tuned perplexity", "tuned generation", "base perplexity",
+                                                 "base generation"]
 
 
 def test_a_failing_threshold_exits_1_from_the_cli(trained, tmp_path):
@@ -54,7 +67,10 @@ def test_a_failing_threshold_exits_1_from_the_cli(trained, tmp_path):
     config.write_text(json.dumps(keys), encoding="utf-8")  # JSON is YAML
     proc = subprocess.run([sys.executable, "-m", "r1tune", "eval", str(config)], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
-    assert "FAIL bleu4 >= 0.999" in proc.stdout
+    assert "FAIL bleu4 >= 0.999 (bleu4 is n/a: references under 4 tokens; a threshold on it fails)" in proc.stdout
+    report = out / "eval"
+    assert f"report: {report / 'eval_report.json'}, {report / 'eval_report.md'}, {report / 'eval_report.png'}" \
+        in proc.stdout.splitlines()  # piped output is not wrapped, so the paths stay whole
 
 
 def test_threshold_parsing_and_unknown_metrics():
@@ -76,11 +92,14 @@ def test_eval_needs_a_trained_output_dir(tiny_qwen, parity_file, tmp_path):
         run_eval(make_cfg(tiny_qwen, parity_file, tmp_path / "nothing", val_size=8))
 
 
-def test_robustness_and_multiple_choice_are_reported(trained):
+def test_robustness_and_multiple_choice_are_reported(trained, capsys):
     code = run_eval(eval_cfg(trained, eval_compare_base=False, eval_robustness="all", eval_mc_file="bundled",
                              eval_thresholds=["robust_accuracy >= 0"]))
     report = json.loads((trained[2] / "eval" / "eval_report.json").read_text())["tuned"]
     assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "tuned robustness: 4 kinds" in out and "tuned multiple choice: 2 batches" in out  # 12 questions, 8 a batch
+    assert sum(line.startswith("tuned robustness typos: ") for line in out) == 1
     for kind in ("typos", "synonyms", "char_noise", "distractor"):
         assert 0.0 <= report[f"robust_accuracy_{kind}"] <= 1.0
     assert 0.0 <= report["mc_accuracy"] <= 1.0 and "robust_drop" in report

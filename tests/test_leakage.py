@@ -88,3 +88,21 @@ def test_cached_and_in_memory_splits_agree(leaky_run, tiny_qwen):
     found = [prepare_data(load_config(leaky_run, [f"data_cache={c}"]), tokenizer, say=lambda *a: None).report.leakage
              for c in ("true", "false")]
     assert found[0] == found[1] and found[0].leaked > 0
+
+
+def test_quickstart_split_holds_out_only_new_prompts(tmp_path):
+    """The README's held-out figures measure generalisation: no validation prompt is a training prompt."""
+    from r1tune.config import load_config
+    from r1tune.data.dataset import prepare_data
+    from r1tune.data.dedup import find_duplicates
+    from r1tune.models.tiny import build_tokenizer
+    from tests.conftest import PARITY, ROOT
+
+    records = [json.loads(line) for line in PARITY.read_text(encoding="utf-8").splitlines()]
+    prompts = find_duplicates([r["messages"][0]["content"] for r in records])
+    assert prompts.exact_groups == [] and prompts.near_pairs == []
+    cfg = load_config(ROOT / "examples" / "quickstart.yaml", [f"output_dir={tmp_path}"])
+    tokenizer = build_tokenizer()
+    data = prepare_data(cfg, tokenizer, say=lambda *a: None)
+    assert len(data.val) == 100 and data.report.leakage == Leakage(100, 0, 0, [])
+    assert cfg.val_leakage == "warn"  # the default: a leaking split is reported

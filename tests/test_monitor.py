@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import pytest
 import torch
@@ -198,3 +199,16 @@ def test_early_stopper_modes_and_missing_metric():
     assert not any(never.update({"loss": 1.0}) for _ in range(5))
     with pytest.raises(UserError, match=r"'eval_acuracy'.*eval_accuracy, eval_loss.*did you mean 'eval_accuracy'"):
         EarlyStopper("eval_acuracy", 2).update({"eval_loss": 1.0, "eval_accuracy": 0.5})
+
+
+def test_ratio_keeps_a_small_rise_quiet_and_a_spike_loud():
+    """Against a steady history (std ~0.05), 1.5x the mean is 10 std out but not 2x: no alarm; 3x alarms."""
+    model = Tiny()
+    monitor = GradNormMonitor(model, k=3, warmup=5, ratio=2.0)
+    for step, norm in enumerate([1.0, 1.05, 0.95, 1.0, 1.05, 0.95]):
+        monitor.history.setdefault("layers.0", deque(maxlen=100)).append(norm)
+    assert monitor._judge(6, "layers.0", 1.5) is None
+    assert monitor._judge(6, "layers.0", 3.0) is not None
+    assert monitor._judge(6, "layers.0", 0.5) is not None  # falling: the band alone (the watch ignores falls)
+    monitor.ratio = 0.0
+    assert monitor._judge(6, "layers.0", 1.5) is not None  # the std band alone alarms

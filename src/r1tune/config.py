@@ -178,6 +178,7 @@ class RunConfig(BaseModel):
     lr_plateau_factor: float = Field(0.5, gt=0.0, lt=1.0, description="Learning-rate factor applied on each plateau.")
     grad_norm_alarm: Literal["off", "warn", "stop"] = Field("warn", description="Per-layer gradient norms are tracked every step (logged every logging_steps); when one rises above grad_norm_alarm_std standard deviations of its running history: 'warn' prints and logs it, 'stop' also saves a checkpoint and stops.")
     grad_norm_alarm_std: float = Field(3.0, gt=0.0, description="The alarm band, in standard deviations of the last 100 steps (after 10 steps of warmup).")
+    grad_norm_alarm_ratio: float = Field(2.0, ge=0.0, description="A rising norm must also be at least this many times its running mean to alarm (0: the std band alone). Healthy runs stray 3-4 std but stay under 2x (bench/grad_alarm.py: the quickstart's 250 steps gave 2 alarms at 3 std alone, none with 2x).")
     update_heatmap: Optional[bool] = Field(None, description="Track each module group's relative update size ||dW||/||W|| and write update_heatmap.png (module group x step) at the end. Empty: on when under 10% of the weights train (it keeps a copy of the trainable weights at sampled steps).")
     max_new_tokens: int = Field(128, ge=1, description="Generation limit for eval_generate_samples.")
     # --- r1tune eval --------------------------------------------------------------

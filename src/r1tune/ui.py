@@ -89,9 +89,10 @@ def print_comparison(before: dict | None, after: dict) -> None:
             shown = True
     if shown:
         console.print(table)
-    if "sample" in after:
-        question, expected, generated = after["sample"]
-        console.print(f"sample: {question!r} → generated {generated!r} (expected {expected!r})")
+    if "sample" in after:  # the first right and the first wrong held-out answer
+        for question, expected, generated, right in after["sample"]:
+            mark = "right" if right else "wrong"
+            console.print(f"sample ({mark}): {question!r} → generated {generated!r} (expected {expected!r})")
 
 
 def warn(message: str) -> None:

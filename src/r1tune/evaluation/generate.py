@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from r1tune import ui
 from r1tune.data.encode import generation_prompt, split_reasoning
 from r1tune.data.formats import Conversation
 from r1tune.data.templates import THINK_OPEN
@@ -16,7 +17,7 @@ class GenerationScore:
     accuracy: float
     correct: int
     total: int
-    samples: list[tuple[str, str, str]]  # (prompt question, expected answer, generated text)
+    samples: list[tuple[str, str, str, bool]]  # (prompt question, expected answer, generated text, correct)
 
 
 def with_open_think(prompt: str, generated: str) -> str:
@@ -33,9 +34,10 @@ def answer_of(generated: str, prompt: str) -> str:
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
-                   sampling: dict | None = None) -> list[str]:
+                   sampling: dict | None = None, progress: str | None = None) -> list[str]:
     """Continuations of rendered prompts in left-padded batches with the KV cache: greedy, or sampled
-    with `sampling` = {"temperature": ..., "top_p": ...} (seed torch first for repeatable samples)."""
+    with `sampling` = {"temperature": ..., "top_p": ...} (seed torch first for repeatable samples).
+    `progress`: a phase name; the batches then get a line and a progress bar (r1tune.ui.progress)."""
     options = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
     device = next(model.parameters()).device
     side = tokenizer.padding_side
@@ -43,7 +45,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     outputs = []
     model.eval()
     try:
-        for i in range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        for i in ui.progress(starts, progress) if progress else starts:
             enc = tokenizer(prompts[i:i + batch_size], add_special_tokens=False, return_tensors="pt", padding=True).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, **options,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -61,8 +64,9 @@ def exact_match(model, tokenizer, conversations: list[Conversation], max_new_tok
     correct, samples = 0, []
     for conv, prompt, text in zip(conversations, prompts, texts):
         expected = split_reasoning(conv[-1]["content"])[1]
-        correct += answer_of(text, prompt) == expected
-        samples.append((conv[-2]["content"], expected, text))
+        right = answer_of(text, prompt) == expected
+        correct += right
+        samples.append((conv[-2]["content"], expected, text, right))
     return GenerationScore(correct / max(len(texts), 1), correct, len(texts), samples)
 
 

@@ -11,6 +11,9 @@ tokenizer for every metric makes BLEU and ROUGE-L comparable. Tokens are case
 sensitive, as in sacrebleu's default.
 
 Scores are fractions in [0, 1] (sacrebleu reports BLEU as 0-100).
+
+A metric that cannot say anything on the data is `NotApplicable(reason)` instead of a number
+(`not_applicable` has the rules); reports show it as "n/a (reason)" and JSON as null.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 from r1tune.data.templates import THINK_CLOSE, THINK_OPEN
 
@@ -72,6 +76,44 @@ def tokenize_for_metrics(text: str) -> list[str]:
     for pattern, repl in _13A_RULES:
         text = pattern.sub(repl, text)
     return text.split()
+
+
+@dataclass(frozen=True)
+class NotApplicable:
+    """A metric that does not apply to this data, with a short reason (shown as "n/a (reason)")."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return f"n/a ({self.reason})"
+
+
+BLEU_SHORT = "references under 4 tokens"
+ROUGE_EMPTY = "references are empty"
+ONE_LABEL = "references hold one label"
+
+
+def not_applicable(references: list[str]) -> dict[str, NotApplicable]:
+    """The text metrics that cannot say anything about answers to these references, with the reason.
+
+    - bleu4, when no reference has 4 metric tokens (`tokenize_for_metrics`; a CJK character is one):
+      the corpus then has no reference 4-gram, so the 4-gram precision is 0 (or a smoothing
+      constant) whatever the answers are, and answers identical to the references score 0.
+      One reference of 4+ tokens is enough for identical answers to score 1, so BLEU-4 applies.
+    - rouge_l, when every reference is empty: F1 is 0 for any answer.
+    - f1_macro, when all references are one label: the macro mean then averages that label's F1
+      with a 0 for every other answer the model gave, measuring how varied the mistakes are rather
+      than how many there are (accuracy, equal to f1_micro here, is the measure).
+    """
+    tokens = [tokenize_for_metrics(r) for r in references]
+    out = {}
+    if tokens and all(len(t) < MAX_ORDER for t in tokens):
+        out["bleu4"] = NotApplicable(BLEU_SHORT)
+    if tokens and not any(tokens):
+        out["rouge_l"] = NotApplicable(ROUGE_EMPTY)
+    if len(set(references)) == 1:
+        out["f1_macro"] = NotApplicable(ONE_LABEL)
+    return out
 
 
 def _check_pairs(predictions: list, references: list) -> None:

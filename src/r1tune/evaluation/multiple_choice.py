@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from r1tune import ui
 from r1tune.data.encode import IGNORE, encode_segments_batch, generation_prompt
 from r1tune.errors import UserError
 from r1tune.train.chunked_loss import plain_head
@@ -182,15 +183,17 @@ def _logits_at(model, ids, mask, rows, cols) -> torch.Tensor:
 
 
 def score_multiple_choice(model, tokenizer, questions, shots=(), batch_size: int = 8,
-                          score: str = "letter", num_shots: int | None = None) -> dict:
+                          score: str = "letter", num_shots: int | None = None, progress: str | None = None) -> dict:
     """Accuracy overall and per subject; shots: solved examples (a dev set, or the questions themselves,
-    since each question is left out of its own shots), the first num_shots of them (all when None)."""
+    since each question is left out of its own shots), the first num_shots of them (all when None).
+    `progress`: a phase name; the batches then get a line and a progress bar (r1tune.ui.progress)."""
     questions = list(questions)
     was_training = model.training
     model.eval()
     predictions = []
     try:
-        for start in range(0, len(questions), batch_size):
+        starts = range(0, len(questions), batch_size)
+        for start in ui.progress(starts, progress) if progress else starts:
             batch = questions[start:start + batch_size]
             rows = [(build_prompt(tokenizer, q, select_shots(q, shots, num_shots)), c)
                     for q in batch for c in continuations(q, score)]

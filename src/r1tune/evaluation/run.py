@@ -5,6 +5,8 @@ Top to bottom: held-out conversations (eval_dataset, or the same val_size split 
 answers after `</think>` scored by BLEU-4 / ROUGE-L / exact match / accuracy / F1, reasoning
 length, optional robustness (perturbed prompts) and multiple-choice benchmark → predictions
 JSONL, report (JSON, Markdown, PNG) → PASS/FAIL per threshold; exit code 1 on any FAIL.
+A metric that does not apply to the data is n/a with the reason (metrics.not_applicable), and a
+threshold on it FAILs. Each phase prints a line and, in a terminal, a progress bar (ui.progress).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.evaluation import metrics
 from r1tune.evaluation.generate import answer_of, generate_texts, with_open_think
-from r1tune.evaluation.report import derived, judge, metric_rows, parse_thresholds, write_report
+from r1tune.evaluation.report import (derived, format_gain, gate_actual, judge, metric_rows, parse_thresholds,
+                                      write_report)
 from r1tune.fileio import write_text_atomic
 from r1tune.models.loading import load_model, load_tokenizer, resolve_model_path
 from r1tune.train import batching
 from r1tune.train.losses import causal_lm_loss_sum
-from r1tune.ui import console
+from r1tune.ui import console, progress
 
 
 def run_eval(cfg: RunConfig) -> int:
@@ -84,46 +87,53 @@ def held_out_set(cfg: RunConfig, tokenizer) -> HeldOut:
 def score_model(name: str, model, tokenizer, held: HeldOut, cfg: RunConfig, out: Path) -> dict:
     console.print(f"scoring the {name} model on {len(held.prompts)} held-out prompts")
     model.eval()
-    scores = {"perplexity": perplexity(model, held.examples, tokenizer.pad_token_id, cfg.per_device_eval_batch_size)}
-    texts = generate(model, tokenizer, held.prompts, cfg)
+    scores = {"perplexity": perplexity(model, held.examples, tokenizer.pad_token_id, cfg.per_device_eval_batch_size,
+                                       desc=f"{name} perplexity")}
+    texts = generate(model, tokenizer, held.prompts, cfg, desc=f"{name} generation")
     answers = [answer_of(t, p) for p, t in zip(held.prompts, texts)]
     scores.update(text_scores(answers, held.references))
     scores["reasoning_tokens"] = sum(metrics.reasoning_tokens(with_open_think(p, t))
                                      for p, t in zip(held.prompts, texts)) / len(texts)
     write_predictions(out / f"predictions_{name}.jsonl", held, texts, answers)
     if cfg.eval_robustness:
-        scores.update(robustness(model, tokenizer, held, cfg, scores["accuracy"]))
+        scores.update(robustness(model, tokenizer, held, cfg, scores["accuracy"], name))
     if cfg.eval_mc_file:
-        scores.update(multiple_choice(model, tokenizer, cfg))
+        scores.update(multiple_choice(model, tokenizer, cfg, name))
     return scores
 
 
 def text_scores(answers: list[str], references: list[str]) -> dict:
-    return {"bleu4": metrics.bleu4(answers, references), "rouge_l": metrics.rouge_l(answers, references),
-            "exact_match": metrics.exact_match(answers, references), "accuracy": metrics.accuracy(answers, references),
-            **metrics.f1_scores(answers, references)}
+    """The answer metrics; those that do not apply to these references are NotApplicable."""
+    scores = {"bleu4": metrics.bleu4(answers, references), "rouge_l": metrics.rouge_l(answers, references),
+              "exact_match": metrics.exact_match(answers, references),
+              "accuracy": metrics.accuracy(answers, references), **metrics.f1_scores(answers, references)}
+    return {**scores, **metrics.not_applicable(references)}
 
 
-def generate(model, tokenizer, prompts: list[str], cfg: RunConfig) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], cfg: RunConfig, desc: str | None = None) -> list[str]:
     """The run's generation settings: greedy, or sampled (seeded by `seed`) with do_sample."""
     sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
     if sampling:
         torch.manual_seed(cfg.seed)
-    return generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, cfg.per_device_eval_batch_size, sampling)
+    return generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, cfg.per_device_eval_batch_size, sampling,
+                          progress=desc)
 
 
 @torch.no_grad()
-def perplexity(model, examples, pad_id: int, batch_size: int) -> float:
-    """exp(mean token loss) over the held-out answers, teacher-forced."""
+def perplexity(model, examples, pad_id: int, batch_size: int, desc: str | None = None):
+    """exp(mean token loss) over the held-out answers, teacher-forced; n/a when no answer token is left."""
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for i in progress(starts, desc) if desc else starts:
         batch = batching.collate(examples[i:i + batch_size], pad_id, "sdpa")
         inputs = {k: v.to(device) for k, v in batching.model_inputs(batch).items() if v is not None}
         logits = model(**inputs, use_cache=False).logits
         total += causal_lm_loss_sum(logits, batch["labels"].to(device)).item()
         count += batching.count_targets(batch)
-    return metrics.perplexity(total, max(count, 1))
+    if not count:
+        return metrics.NotApplicable("no answer tokens within cutoff_len")
+    return metrics.perplexity(total, count)
 
 
 def write_predictions(path: Path, held: HeldOut, texts: list[str], answers: list[str]) -> None:
@@ -135,7 +145,7 @@ def write_predictions(path: Path, held: HeldOut, texts: list[str], answers: list
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def robustness(model, tokenizer, held: HeldOut, cfg: RunConfig, clean: float) -> dict:
+def robustness(model, tokenizer, held: HeldOut, cfg: RunConfig, clean: float, name: str = "tuned") -> dict:
     """Accuracy on perturbed copies of the user questions, per kind and their mean."""
     from r1tune.evaluation.robustness import PERTURBATIONS, perturb_prompts
 
@@ -144,10 +154,10 @@ def robustness(model, tokenizer, held: HeldOut, cfg: RunConfig, clean: float) ->
     questions = [c[-2]["content"] for c in held.conversations]
     perturbed = perturb_prompts(questions, kinds, seed=cfg.seed, rate=cfg.eval_robustness_rate)
     scores = {}
-    for kind, texts in perturbed.items():
+    for kind, texts in progress(list(perturbed.items()), f"{name} robustness", unit="kind"):
         conversations = [_replace_question(c, q) for c, q in zip(held.conversations, texts)]
         prompts = [generation_prompt(tokenizer, c, cfg.empty_think) for c in conversations]
-        outputs = generate(model, tokenizer, prompts, cfg)
+        outputs = generate(model, tokenizer, prompts, cfg, desc=f"{name} robustness {kind}")
         answers = [answer_of(t, p) for p, t in zip(prompts, outputs)]
         scores[f"robust_accuracy_{kind}"] = metrics.accuracy(answers, held.references)
     scores["robust_accuracy"] = sum(scores.values()) / max(len(scores), 1)
@@ -161,18 +171,21 @@ def _replace_question(conversation, question: str):
     return changed
 
 
-def multiple_choice(model, tokenizer, cfg: RunConfig) -> dict:
+def multiple_choice(model, tokenizer, cfg: RunConfig, name: str = "tuned") -> dict:
     from r1tune.evaluation.multiple_choice import bundled_sample, read_mc_file, score_multiple_choice
 
     path = bundled_sample() if cfg.eval_mc_file == "bundled" else Path(cfg.eval_mc_file)
     questions = read_mc_file(path)
     shots = questions[: cfg.eval_mc_shots]
     result = score_multiple_choice(model, tokenizer, questions[cfg.eval_mc_shots:] if shots else questions, shots,
-                                   cfg.per_device_eval_batch_size)
+                                   cfg.per_device_eval_batch_size, progress=f"{name} multiple choice")
+    if not result["total"]:
+        return {"mc_accuracy": metrics.NotApplicable(f"no question left after the {len(shots)} shots")}
     return {"mc_accuracy": result["accuracy"]}
 
 
 def print_summary(tuned: dict, base: dict | None, gains: dict, gates) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="evaluation")
@@ -181,10 +194,11 @@ def print_summary(tuned: dict, base: dict | None, gains: dict, gates) -> None:
     for row in metric_rows(tuned, base):
         table.add_row(*row)
     for key, value in gains.items():
-        table.add_row(key, "", f"{value:+.4f}")
+        table.add_row(key, "", format_gain(value))
     console.print(table)
     for gate in gates:
         mark = "[green]PASS[/green]" if gate.passed else "[red]FAIL[/red]"
-        console.print(f"{mark} {gate.text} (actual {gate.actual:.4f})")
-    if not math.isfinite(tuned.get("perplexity", 0.0)):
+        console.print(f"{mark} {escape(gate.text)} ({escape(gate_actual(gate))})")
+    ppl = tuned.get("perplexity", 0.0)
+    if isinstance(ppl, float) and not math.isfinite(ppl):
         console.print("note: tuned perplexity is not finite")

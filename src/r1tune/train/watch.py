@@ -28,7 +28,8 @@ HEATMAP_COLUMNS = 100  # sampled steps in the heatmap
 class TrainingWatch:
     def __init__(self, model, cfg, total_steps: int, generation: Callable[[], dict] | None = None):
         self.cfg, self.generation = cfg, generation
-        self.grads = GradNormMonitor(model, k=cfg.grad_norm_alarm_std) if cfg.grad_norm_alarm != "off" else None
+        self.grads = GradNormMonitor(model, k=cfg.grad_norm_alarm_std, ratio=cfg.grad_norm_alarm_ratio) \
+            if cfg.grad_norm_alarm != "off" else None
         self.updates = UpdateTracker(model, every=max(1, total_steps // HEATMAP_COLUMNS)) \
             if wants_heatmap(model, cfg.update_heatmap) else None
         mode = None if cfg.greater_is_better is None else ("max" if cfg.greater_is_better else "min")

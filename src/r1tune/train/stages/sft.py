@@ -182,8 +182,16 @@ def _measure(trainer: Trainer, tokenizer, conversations, cfg, eval_loss: float |
         score: GenerationScore = exact_match(trainer.model, tokenizer, conversations[: cfg.eval_generate_samples],
                                              cfg.max_new_tokens, cfg.empty_think)
         scores["exact_match"] = score.accuracy
-        scores["sample"] = score.samples[0]
+        scores["sample"] = example_samples(score.samples)
     return scores
+
+
+def example_samples(samples: list[tuple]) -> list[tuple]:
+    """The first right and the first wrong generation (when there is one of each), in held-out order."""
+    first = {}
+    for sample in samples:
+        first.setdefault(sample[3], sample)
+    return sorted(first.values(), key=samples.index)
 
 
 def _plain(scores: dict | None) -> dict | None:
