@@ -27,7 +27,7 @@ def trained(tiny_qwen, tmp_path_factory):
     folder = tmp_path_factory.mktemp("eval")
     data = folder / "data.jsonl"
     data.write_text("\n".join(PARITY.read_text(encoding="utf-8").splitlines()[:64]) + "\n", encoding="utf-8")
-    raw = dict(val_size=8, max_steps=6, bf16=False, max_new_tokens=12)
+    raw = dict(val_size=8, max_steps=6, bf16=False, max_new_tokens=12, eval_generate_samples=4)
     run_sft(make_cfg(tiny_qwen, data, folder / "out", **raw))
     return tiny_qwen, data, folder / "out", raw
 
@@ -120,3 +120,32 @@ def test_sampling_settings_reach_generation(trained):
     torch.manual_seed(0)
     hot = generate_texts(model, tokenizer, prompts, 12, sampling={"temperature": 5.0, "top_p": 1.0})
     assert len(set(greedy)) == 1 and len(set(hot)) > 1  # greedy repeats itself; hot sampling does not
+
+
+def test_eval_perplexity_is_trainings_held_out_loss(trained):
+    """Training's last eval loss and r1tune eval's perplexity score the same held-out tokens with the same
+    weights, so they agree. (Generation once left the tokenizer padding batches to the left, save_pretrained
+    wrote that into tokenizer.json, and every sample `r1tune eval` encoded with it was padded: 1.72 vs 1.06
+    on the quickstart.)"""
+    import math
+
+    assert run_eval(eval_cfg(trained, eval_compare_base=False)) == 0
+    tuned = json.loads((trained[2] / "eval" / "eval_report.json").read_text())["tuned"]
+    after = json.loads((trained[2] / "eval_results.json").read_text())["after"]
+    assert tuned["perplexity"] == pytest.approx(math.exp(after["eval_loss"]), rel=1e-4)
+    assert json.loads((trained[2] / "tokenizer.json").read_text())["padding"] is None
+
+
+def test_encoding_ignores_a_padding_tokenizer(tokenizer):
+    from r1tune.data.encode import encode_segments_batch, encode_texts
+
+    batch = [[("Is 12 even or odd?", False), ("even", True)], [("Is 123456 even or odd? Tell me.", False), ("odd", True)]]
+    plain = encode_segments_batch(tokenizer, batch), encode_texts(tokenizer, ["a b", "a much longer text here"])
+    tokenizer.backend_tokenizer.enable_padding(direction="left", pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    try:
+        padded = encode_segments_batch(tokenizer, batch), encode_texts(tokenizer, ["a b", "a much longer text here"])
+        assert tokenizer.backend_tokenizer.padding is not None  # the setting itself is left as it was
+    finally:
+        tokenizer.backend_tokenizer.no_padding()
+    assert [(e.input_ids, e.labels) for e in padded[0]] == [(e.input_ids, e.labels) for e in plain[0]]
+    assert [e.input_ids for e in padded[1]] == [e.input_ids for e in plain[1]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from bisect import bisect_left
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
@@ -196,8 +197,30 @@ def encode_segments_batch(tokenizer, batch: list[list[tuple[str, bool]]]) -> lis
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             out.append(_label(enc["input_ids"], [s for s, _ in enc["offset_mapping"]], segments))
         return out
-    return [_label_encoding(enc, segments) for enc, segments in
-            zip(backend.encode_batch(texts, add_special_tokens=False), batch)]
+    with unpadded(backend):
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+    return [_label_encoding(enc, segments) for enc, segments in zip(encodings, batch)]
+
+
+@contextmanager
+def unpadded(backend):
+    """The Rust tokenizer with padding and truncation off while it encodes training text.
+
+    A tokenizer that once padded a batch (left, for generation) keeps that setting, and
+    save_pretrained writes it into tokenizer.json: encode_batch would then pad every sample
+    of a batch to the longest, shifting tokens against their labels."""
+    padding, truncation = backend.padding, backend.truncation
+    if padding:
+        backend.no_padding()
+    if truncation:
+        backend.no_truncation()
+    try:
+        yield backend
+    finally:
+        if padding:
+            backend.enable_padding(**padding)
+        if truncation:
+            backend.enable_truncation(**truncation)
 
 
 def _label_encoding(enc, segments: list[tuple[str, bool]]) -> Example:
@@ -259,7 +282,8 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    with unpadded(backend):
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[Example]:

@@ -41,6 +41,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
     options = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
     device = next(model.parameters()).device
     side = tokenizer.padding_side
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    padding = backend.padding if backend is not None else None  # padding=True below turns it on for good
     tokenizer.padding_side = "left"
     outputs = []
     model.eval()
@@ -54,6 +56,8 @@ def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int, ba
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+        if backend is not None and padding is None:
+            backend.no_padding()  # else save_pretrained would write left padding into tokenizer.json
     return outputs
 
 
