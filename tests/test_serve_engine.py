@@ -182,3 +182,14 @@ def test_nucleus_keeps_the_smallest_set():
     assert (nucleus(probs, 0.7) > 0).tolist() == [False, True, True, False]
     assert (nucleus(probs, 0.4) > 0).tolist() == [False, True, False, False]
     assert nucleus(probs, 1.0) is probs
+
+
+def test_incremental_decoder_flushes_a_character_cut_by_the_last_token(tokenizer):
+    """Generation can stop inside a multi-byte character: the held-back bytes come out at the end as U+FFFD,
+    as a full decode gives them, so served text equals decode() of the same tokens."""
+    ids = tokenizer("你好世界😀", add_special_tokens=False)["input_ids"]
+    cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    decoder = IncrementalDecoder(tokenizer, [0, 1, 2])
+    pieces = [decoder.add(token) for token in ids[:cut]] + [decoder.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids[:cut], skip_special_tokens=True)
+    assert pieces[-1].endswith("\ufffd") and decoder.flush() == ""

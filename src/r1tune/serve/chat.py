@@ -71,7 +71,8 @@ def training_quantization(raw: dict):
 class ReasoningPrinter:
     """Prints streamed text; reasoning (before </think>) dimmed under its own heading."""
 
-    def __init__(self, out=sys.stdout, reasoning_open: bool = True):
+    def __init__(self, out=None, reasoning_open: bool = True):
+        out = out or sys.stdout  # looked up now: stdout may have been replaced since import
         self.out, self.in_reasoning, self.buffer = out, reasoning_open, ""
         self.answer_started = False
         self.color = out.isatty()
@@ -110,7 +111,7 @@ class ReasoningPrinter:
         self.out.flush()
 
 
-def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, out=sys.stdout) -> str:
+def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, out=None) -> str:
     """Stream one assistant reply to `out`; return the full generated text. It decodes with the
     server's engine, so chat and serve give the same tokens (virtual-token adapters included)."""
     from r1tune.serve.engine import Engine, eos_ids_of

@@ -77,9 +77,12 @@ class Ticket:
                     yield text
                 if hit:
                     break
-            if not hit and (rest := scanner.flush()):
-                pieces.append(rest)
-                yield rest
+            if not hit:  # bytes of a character the generation stopped inside decode as U+FFFD, as decode() gives
+                text, hit = scanner.feed(decoder.flush())
+                rest = text + ("" if hit else scanner.flush())
+                if rest:
+                    pieces.append(rest)
+                    yield rest
         finally:
             self.cancel()
         yield Generated("".join(pieces), len(self.ids), self.generated, "stop" if hit else reason)
@@ -96,9 +99,19 @@ class IncrementalDecoder:
 
     def add(self, token: int) -> str:
         self.ids.append(token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        before, now = decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
+        before, now = self._pending()
         if len(now) <= len(before) or now.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
         return now[len(before):]
+
+    def flush(self) -> str:
+        """The text still held back (a piece ending inside a UTF-8 character), once no token follows."""
+        before, now = self._pending()
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):] if len(now) > len(before) else ""
+
+    def _pending(self) -> tuple[str, str]:
+        """(the context decoded alone, the context with the tokens not yet returned)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return decode(self.ids[self.prefix:self.read]), decode(self.ids[self.prefix:])
