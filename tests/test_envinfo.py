@@ -128,3 +128,14 @@ def test_extras_match_pyproject():
     declared = {extra: tuple(Requirement(line).name for line in lines)
                 for extra, lines in optional.items() if extra != "dev"}
     assert declared == {extra: names for extra, (names, _) in envinfo.EXTRAS.items()}
+
+
+def test_onednn_cap_turns_native_bf16_off(monkeypatch, tmp_path):
+    use_cpuinfo(monkeypatch, tmp_path, AMX_CPUINFO)
+    for cap, native in ((None, True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                        ("AVX512_CORE_AMX", True), ("ALL", True)):
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert envinfo.cpu_bf16() is native, cap

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import logging
+import os
 import platform
 import re
 from dataclasses import dataclass, field
@@ -78,9 +79,18 @@ def cpu_info(text: str | None = None) -> CpuInfo:
 
 
 def cpu_bf16() -> bool:
-    """AVX-512 BF16 or AMX on x86 (fast bf16 matmuls on CPU)."""
+    """AVX-512 BF16 or AMX on x86 (fast bf16 matmuls on CPU), unless oneDNN is capped below them.
+
+    ONEDNN_MAX_CPU_ISA (oneDNN's own variable, read when asked) caps the instructions oneDNN uses: at
+    AVX2 a bf16 matmul falls back to a reference kernel thousands of times slower, as on a CPU
+    without AVX-512. Capping it (with ATEN_CPU_CAPABILITY=avx2) is how the suite is run as on such a CPU."""
     cpu = cpu_info()
-    return bool(cpu.has("avx512_bf16") or cpu.has("amx_bf16"))
+    return bool(cpu.has("avx512_bf16") or cpu.has("amx_bf16")) and onednn_allows_bf16()
+
+
+def onednn_allows_bf16() -> bool:
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return cap == "ALL" or "BF16" in cap or "AMX" in cap or "FP16" in cap or cap.startswith("AVX10")
 
 
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
