@@ -48,8 +48,7 @@ def distinct_records(rng: random.Random, count: int) -> list[dict]:
             if n not in used:
                 used.add(n)
                 records.append(record(rng, n))
-        report = find_duplicates([r["messages"][0]["content"] for r in records])
-        repeats = {j for g in report.exact_groups for j in g[1:]} | {j for _, j, _ in report.near_pairs}
+        repeats = find_duplicates([r["messages"][0]["content"] for r in records]).repeats()
         records = [r for i, r in enumerate(records) if i not in repeats]
     return records
 

@@ -36,6 +36,7 @@ def use_cpuinfo(monkeypatch, tmp_path, text):
 
 def test_amx_cpu(monkeypatch, tmp_path):
     use_cpuinfo(monkeypatch, tmp_path, AMX_CPUINFO)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the suite may run capped (as on an AVX2 CPU)
     rows = dict(envinfo.cpu_rows(envinfo.cpu_info()))
     assert rows == {"cpu": "Intel(R) Xeon(R) Platinum 8480+", "cpu AVX2": "yes", "cpu AVX-512F": "yes",
                     "cpu AVX-512 BF16": "yes", "cpu AMX": "yes (amx_tile, amx_bf16, amx_int8)"}
@@ -130,7 +131,17 @@ def test_extras_match_pyproject():
     assert declared == {extra: names for extra, (names, _) in envinfo.EXTRAS.items()}
 
 
-def test_onednn_cap_turns_native_bf16_off(monkeypatch, tmp_path):
+def test_onednn_cap_turns_native_bf16_and_exact_int8_off(monkeypatch, tmp_path):
+    use_cpuinfo(monkeypatch, tmp_path, AMX_CPUINFO)
+    for cap, exact in ((None, True), ("AVX2", False), ("AVX2_VNNI", True), ("AVX512_CORE_VNNI", True)):
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert envinfo.cpu_int8_exact() is exact, cap
+    use_cpuinfo(monkeypatch, tmp_path, AVX2_CPUINFO)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert not envinfo.cpu_int8_exact() and not envinfo.cpu_bf16()
     use_cpuinfo(monkeypatch, tmp_path, AMX_CPUINFO)
     for cap, native in ((None, True), ("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
                         ("AVX512_CORE_AMX", True), ("ALL", True)):

@@ -88,9 +88,21 @@ def cpu_bf16() -> bool:
     return bool(cpu.has("avx512_bf16") or cpu.has("amx_bf16")) and onednn_allows_bf16()
 
 
+def cpu_int8_exact() -> bool:
+    """int8 matmuls without int16 saturation: VNNI (AVX-512 or AVX) or AMX, and oneDNN allowed to use it."""
+    cpu = cpu_info()
+    vnni = any(cpu.has(flag) for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return bool(vnni) and (_onednn_cap() == "ALL" or "VNNI" in _onednn_cap() or onednn_allows_bf16())
+
+
 def onednn_allows_bf16() -> bool:
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    cap = _onednn_cap()
     return cap == "ALL" or "BF16" in cap or "AMX" in cap or "FP16" in cap or cap.startswith("AVX10")
+
+
+def _onednn_cap() -> str:
+    """oneDNN's instruction-set cap (ONEDNN_MAX_CPU_ISA, read when asked), 'ALL' when none is set."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
 
 
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")

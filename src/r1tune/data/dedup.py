@@ -71,6 +71,10 @@ class DuplicateReport:
         """Distinct records that are the later member of at least one near pair."""
         return len({j for _, j, _ in self.near_pairs})
 
+    def repeats(self) -> set[int]:
+        """Records that repeat an earlier one exactly or nearly (dropping them leaves no duplicate)."""
+        return {j for group in self.exact_groups for j in group[1:]} | {j for _, j, _ in self.near_pairs}
+
 
 def normalise(text: str) -> str:
     """NFKC, lowercase, whitespace runs collapsed to one space, ends stripped."""

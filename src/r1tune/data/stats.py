@@ -92,7 +92,7 @@ def collect_stats(samples: list[Sample], lengths: list[int], target_counts: list
     duplicates = find_duplicates([sample_text(s) for s in samples], threshold=near_threshold)
     stats.exact_duplicates, stats.near_duplicates = duplicates.exact_duplicates, duplicates.near_duplicates
     prompts = find_duplicates([prompt_text(s) for s in samples], threshold=near_threshold)
-    stats.repeated_prompts = len({j for g in prompts.exact_groups for j in g[1:]} | {j for _, j, _ in prompts.near_pairs})
+    stats.repeated_prompts = len(prompts.repeats())
     stats.warnings = warnings_for(stats)
     return stats
 

@@ -41,6 +41,7 @@ import json
 import shutil
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -72,11 +73,24 @@ class Int8Report:
 
 
 def _int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) x int8 (N, K)^T -> int32 (M, N); falls back to fp32 where _int_mm is missing."""
-    try:
-        return torch._int_mm(x_q, w_q.t())
-    except (RuntimeError, AttributeError):
-        return (x_q.float() @ w_q.float().t()).round().to(torch.int32)
+    """int8 (M, K) x int8 (N, K)^T -> int32 (M, N); in fp32 where _int_mm is missing or inexact.
+
+    On a CPU without VNNI (AVX2 only, or oneDNN capped to it) oneDNN's int8 kernel adds pairs of
+    products in saturating int16, and full-range int8 operands overflow it (errors of 30 % of the
+    largest logit on the tiny models): there the fp32 product is used, exact below 2**24."""
+    if x_q.device.type != "cpu" or _cpu_int8_exact():
+        try:
+            return torch._int_mm(x_q, w_q.t())
+        except (RuntimeError, AttributeError):
+            pass
+    return (x_q.float() @ w_q.float().t()).round().to(torch.int32)
+
+
+@lru_cache(maxsize=1)
+def _cpu_int8_exact() -> bool:  # once per process: it reads /proc/cpuinfo
+    from r1tune.envinfo import cpu_int8_exact
+
+    return cpu_int8_exact()
 
 
 class Int8DynamicLinear(nn.Module):

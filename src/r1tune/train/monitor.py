@@ -55,8 +55,8 @@ class Alarm:
 
 class GradNormMonitor:
     """Per-layer gradient norms each step; alarm when a norm leaves mean ± k·std of its running history
-    and, rising, is also at least `ratio` times that mean (noise alone reaches 3-4 std on healthy runs,
-    but not 2x the mean: bench/grad_alarm.py)."""
+    and, rising, is also at least `ratio` times that mean (noise alone reaches 3-4.5 std and 2x the mean
+    on healthy runs, but not 3x: bench/grad_alarm.py)."""
 
     def __init__(self, model, k: float = 3.0, warmup: int = 10, window: int = 100, ratio: float = 0.0):
         if window < max(warmup, 2):
