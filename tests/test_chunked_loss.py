@@ -7,7 +7,7 @@ from r1tune.data.encode import IGNORE
 from r1tune.errors import UserError
 from r1tune.train.chunked_loss import chunked_loss_sum, plain_head
 from r1tune.train.losses import causal_lm_loss_sum
-from r1tune.train.trainer import choose_loss_path
+from r1tune.train.held_out import choose_loss_path
 
 
 def _inputs(vocab=3000, seed=0):

@@ -112,9 +112,9 @@ def test_threshold_config_values_are_strings():
 
 def test_sampling_settings_reach_generation(trained):
     from r1tune.evaluation.generate import generate_texts
-    from r1tune.serve.chat import load_for_chat
+    from r1tune.models.run_loading import load_run
 
-    model, tokenizer = load_for_chat(str(trained[2]))
+    model, tokenizer = load_run(str(trained[2]))
     prompts = ["<｜User｜>Is 12 even or odd?<｜Assistant｜>"] * 4
     greedy = generate_texts(model, tokenizer, prompts, 12)
     torch.manual_seed(0)

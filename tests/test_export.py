@@ -14,7 +14,7 @@ from r1tune.config import validate_config
 from r1tune.errors import UserError
 from r1tune.export.merge import logits_of, probe_batch
 from r1tune.export.run import run_export
-from r1tune.serve.chat import load_for_chat
+from r1tune.models.run_loading import load_run
 from tests.test_methods import run_method
 
 
@@ -29,7 +29,7 @@ def test_merged_folder_reloads_to_the_unmerged_logits(arch, keys, tiny_ds, tiny_
                            "export_dir": str(merged), "export_size": 0.0002, "model_license": "mit"})
     assert run_export(cfg) == 0
     plain = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)  # nothing from r1tune
-    unmerged, _ = load_for_chat(str(out), quantized=False)
+    unmerged, _ = load_run(str(out), quantized=False)
     batch = probe_batch(plain.config.vocab_size, seed=3)
     assert (logits_of(plain, batch) - logits_of(unmerged, batch)).abs().max() <= 1e-4
     assert len(list(merged.glob("*.safetensors"))) > 1  # sharded at 0.2 MB

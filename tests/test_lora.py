@@ -87,9 +87,9 @@ def test_reload_matches_on_deepseek_v3(tiny_ds, tmp_path):
 def test_trained_adapter_reloads_with_same_logits(tiny_qwen, parity_file, tmp_path):
     out = tmp_path / "out"
     run_sft(make_cfg(tiny_qwen, parity_file, out, max_steps=3))
-    from r1tune.serve.chat import load_for_chat
+    from r1tune.models.run_loading import load_run
 
-    ours, _ = load_for_chat(str(out))
+    ours, _ = load_run(str(out))
     plain = PeftModel.from_pretrained(load(tiny_qwen), out)
     x = torch.randint(5, 500, (1, 10))
     with torch.no_grad():

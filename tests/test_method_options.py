@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from r1tune.config import validate_config
 from r1tune.errors import UserError
-from r1tune.serve.chat import load_for_chat
+from r1tune.models.run_loading import load_run
 from r1tune.train.logs import read_log
 from r1tune.train.stages.sft import run_sft
 from tests.conftest import make_cfg
@@ -58,7 +58,7 @@ def test_top_k_experts_with_lora_and_trained_router_reload(tiny_ds, parity_file,
     busiest_two = [e for e, _ in report["before"][0]["top"][:2]]  # measured on the same routing batches
     assert sorted(report["selection"]["1"]) == sorted(busiest_two)
     x = torch.randint(5, 500, (2, 12))
-    reloaded, _ = load_for_chat(str(out))
+    reloaded, _ = load_run(str(out))
     assert (logits(reloaded, x) - logits(result.model, x)).abs().max() <= 1e-5
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert any(".mlp.gate." in k for k in saved), "the trained router copy is saved with the adapter"
@@ -130,7 +130,7 @@ def test_continue_an_adapter_and_stack_a_new_one(tiny_qwen, parity_file, tmp_pat
                                     **extra)
         assert abs(scores["before"]["eval_loss"] - after_first) < 1e-4, name  # starts where the first run ended
         assert scores["after"]["eval_loss"] < scores["before"]["eval_loss"]
-        reloaded, _ = load_for_chat(str(out))
+        reloaded, _ = load_run(str(out))
         assert (logits(reloaded, x) - logits(result.model, x)).abs().max() <= 1e-5, name
     rank = json.loads((tmp_path / "stacked" / "adapter_config.json").read_text())["r"]
     assert rank == 2
@@ -262,7 +262,7 @@ def test_additional_target_trains_and_saves_the_module(tiny_qwen, parity_file, t
     norm = [k for k in saved if k.endswith("model.norm.weight")]
     assert norm and not torch.equal(saved[norm[0]], base_weights(tiny_qwen)["model.norm.weight"])
     x = torch.randint(5, 500, (2, 12))
-    reloaded, _ = load_for_chat(str(out))
+    reloaded, _ = load_run(str(out))
     assert (logits(reloaded, x) - logits(result.model, x)).abs().max() <= 1e-5
 
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from r1tune.serve.chat import load_for_chat
+from r1tune.models.run_loading import load_run
 from r1tune.train.stages.sft import run_sft
 from tests.conftest import make_cfg
 
@@ -61,7 +61,7 @@ def test_method_trains_saves_reloads_merges(method, arch, tiny_ds, tiny_qwen, pa
     assert scores["after"]["eval_loss"] < scores["before"]["eval_loss"], scores
     x = torch.randint(5, 500, (2, 12))
     trained = logits(result.model, x)
-    reloaded, _ = load_for_chat(str(tmp_path / "out"))
+    reloaded, _ = load_run(str(tmp_path / "out"))
     assert (logits(reloaded, x) - trained).abs().max() <= 1e-5
     if method == "pissa":  # converted to a plain LoRA of rank 2r on the original base weights
         saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())

@@ -41,11 +41,11 @@ def expected_text(model, tokenizer, max_new_tokens=10) -> str:
 def test_each_name_answers_as_its_own_model(runs):
     from transformers import AutoModelForCausalLM
 
-    from r1tune.serve.chat import load_for_chat
+    from r1tune.models.run_loading import load_run
 
     base, data, outs = runs
-    want = {name: expected_text(*load_for_chat(str(out))) for name, out in outs.items()}
-    _, tokenizer = load_for_chat(str(outs["a"]))
+    want = {name: expected_text(*load_run(str(out))) for name, out in outs.items()}
+    _, tokenizer = load_run(str(outs["a"]))
     want["base"] = expected_text(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tokenizer)
     assert len(set(want.values())) == 3, "the adapters must change the output for this test to mean anything"
 
@@ -96,7 +96,7 @@ def test_adapter_config_errors(runs, tmp_path, tiny_qwen):
 def test_virtual_token_adapters_decode_as_their_forward(tiny_qwen, runs, tmp_path):
     """Prompt tuning: the engine feeds the virtual tokens itself; each greedy token is the argmax of the
     PEFT model's own full forward over the prompt and the tokens before it."""
-    from r1tune.serve.chat import load_for_chat
+    from r1tune.models.run_loading import load_run
     from r1tune.serve.engine import Engine
     from r1tune.serve.sampling import Params
     from r1tune.serve.ticket import Ticket
@@ -104,7 +104,7 @@ def test_virtual_token_adapters_decode_as_their_forward(tiny_qwen, runs, tmp_pat
 
     out = tmp_path / "prompt"
     run_sft(make_cfg(tiny_qwen, runs[1], out, max_steps=2, finetuning_type="prompt_tuning", bf16=False))
-    model, tokenizer = load_for_chat(str(out))
+    model, tokenizer = load_run(str(out))
     ids = prompt_ids(tokenizer, PROMPT)
     engine = Engine(model, tokenizer.pad_token_id, wait_s=0)
     try:

@@ -318,7 +318,7 @@ def test_domain_tokens_end_to_end_lora_train_save_and_chat(tiny_qwen, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from r1tune.serve.chat import load_for_chat
+    from r1tune.models.run_loading import load_run
     from r1tune.train.stages.sft import run_sft
     from tests.conftest import make_cfg, write_jsonl
 
@@ -326,7 +326,7 @@ def test_domain_tokens_end_to_end_lora_train_save_and_chat(tiny_qwen, tmp_path):
     data = write_jsonl(tmp_path / "med.jsonl", records)
     out = tmp_path / "out"
     run_sft(make_cfg(tiny_qwen, data, out, add_tokens="心肌梗死, 42", max_steps=4, learning_rate=1e-2))
-    model, tokenizer = load_for_chat(str(out))
+    model, tokenizer = load_run(str(out))
     new_id = tokenizer.convert_tokens_to_ids("心肌梗死")
     assert tokenizer("急性心肌梗死", add_special_tokens=False)["input_ids"][-1] == new_id
     assert "42" not in tokenizer.get_added_vocab()  # numbers are never added

@@ -152,9 +152,9 @@ def _chat_model(args):
     if args.overrides:
         raise UserError(f"key=value overrides ('{args.overrides[0]}') need a YAML config, and '{args.dir}' is "
                         "not one; pass the config file or drop the overrides")
-    from r1tune.serve.chat import load_for_chat
+    from r1tune.models.run_loading import load_run
 
-    return load_for_chat(args.dir)
+    return load_run(args.dir)
 
 
 def cmd_tiny(args) -> int:

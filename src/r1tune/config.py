@@ -9,6 +9,7 @@ test keeps the two in sync.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -271,9 +272,7 @@ class RunConfig(BaseModel):
             if getattr(self, key) in (None, ""):
                 raise UserError(f"{missing_key_message(self.source, key)} ({command} needs it)")
 
-    def augment_options(self):
-        from r1tune.data.augment import AugmentOptions
-
+    def augment_options(self) -> AugmentOptions:
         return AugmentOptions(
             synonym_prob=self.augment_synonym_prob, insert_prob=self.augment_insert_prob,
             shuffle_window=self.augment_shuffle_window, template_rotation=self.augment_template_rotation,
@@ -357,11 +356,7 @@ def check_method_options(cfg: RunConfig, source: str = "config") -> None:
     if cfg.unfreeze_schedule is not None:
         if "freeze_trainable_layers" in given:
             raise ValueError("give either 'freeze_trainable_layers' or 'unfreeze_schedule', not both")
-        from r1tune.models.unfreeze import parse_schedule
-
         parse_schedule(cfg.unfreeze_schedule)  # raises ValueError naming the entry
-    from r1tune.train.optimizers import OPTIMIZERS
-
     if cfg.optim not in OPTIMIZERS:
         raise ValueError(f"'optim' is '{cfg.optim}'; choose one of {', '.join(sorted(OPTIMIZERS))}"
                          f"{did_you_mean(cfg.optim, OPTIMIZERS)}")
@@ -376,6 +371,86 @@ def _check_expert_options(cfg: RunConfig) -> None:
     if cfg.train_router and not ways:
         raise ValueError("'train_router' belongs to expert-selective tuning; also set expert_ids, expert_domain "
                          "or expert_top_k")
+
+
+# --- what some keys parse into -------------------------------------------------------------------------
+# Validation above needs these, and the code that acts on them (data.augment, models.unfreeze,
+# train.optimizers) imports them from here, so the config depends on nothing above it.
+
+# The `optim` names users know from HF / LLaMA-Factory -> the implementation train.optimizers builds.
+OPTIMIZERS: dict[str, str] = {
+    # canonical names are accepted too, so canonical_optim is idempotent
+    "adamw": "adamw", "adamw_torch": "adamw", "adamw_torch_fused": "adamw_fused", "adamw_fused": "adamw_fused",
+    "lion": "lion", "lion_32bit": "lion",
+    "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit",
+    "lion_8bit": "lion_8bit", "paged_lion_8bit": "lion_8bit",
+    "adafactor": "adafactor",
+}
+
+
+# augment_* keys, as data.augment.Augmenter takes them.
+@dataclass
+class AugmentOptions:
+    synonym_prob: float = 0.0        # per eligible word/phrase: chance to replace it with a synonym
+    insert_prob: float = 0.0         # per word: chance to insert a synonym of a random table word of the text after it
+    shuffle_window: int = 0          # local shuffle: words (zh: clauses) move at most this many positions; 0 = off
+    template_rotation: float = 0.0   # share of samples whose last user message is wrapped in an instruction template
+    instruction_templates: list[str] | None = None   # templates with "{instruction}"; None: DEFAULT_TEMPLATES
+    synonyms_file: str | None = None # user TSV table merged into the bundled ones
+    back_translate: str | None = None  # "module.path:function", f(text: str, rng: random.Random) -> str
+    augment_targets: bool = False
+    ratio: float = 1.0               # share of samples augmented at all each epoch
+
+    def enabled(self) -> bool:
+        return self.ratio > 0 and (self.synonym_prob > 0 or self.insert_prob > 0 or self.shuffle_window > 0
+                                   or self.template_rotation > 0 or bool(self.back_translate))
+
+
+# unfreeze_schedule entries (models.unfreeze.Unfreezer applies them); GROUPS: module-name aliases.
+GROUPS = {"mlp": "mlp", "ffn": "mlp", "self_attn": "self_attn", "attention": "self_attn", "attn": "self_attn"}
+
+
+@dataclass(frozen=True)
+class UnfreezeEntry:
+    step: int | None
+    epoch: float | None
+    layers: int | None  # None: every layer
+    modules: tuple[str, ...]  # () : every module
+
+    def describe(self) -> str:
+        where = "all layers" if self.layers is None else f"top {self.layers} layer{'s' * (self.layers != 1)}"
+        return f"{', '.join(self.modules) or 'all modules'} of {where}"
+
+
+def parse_schedule(entries: list) -> list[UnfreezeEntry]:
+    """Config entries -> UnfreezeEntry list; ValueError naming the entry when one is malformed."""
+    if not entries:
+        raise ValueError("'unfreeze_schedule' is empty; give at least one {step: 0, layers: 1} entry")
+    return [_parse_entry(i, e) for i, e in enumerate(entries)]
+
+
+def _parse_entry(i: int, raw) -> UnfreezeEntry:
+    where = f"unfreeze_schedule entry {i + 1}"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping like {{step: 0, layers: 2, modules: mlp}}")
+    unknown = set(raw) - {"step", "epoch", "layers", "modules"}
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; use step or epoch, layers, modules")
+    if ("step" in raw) == ("epoch" in raw):
+        raise ValueError(f"{where} needs exactly one of 'step' or 'epoch'")
+    step, epoch = raw.get("step"), raw.get("epoch")
+    if step is not None and (not isinstance(step, int) or step < 0):
+        raise ValueError(f"{where}: 'step' must be a whole number >= 0")
+    if epoch is not None and (not isinstance(epoch, (int, float)) or epoch < 0):
+        raise ValueError(f"{where}: 'epoch' must be a number >= 0")
+    layers = raw.get("layers", "all")
+    if layers != "all" and (not isinstance(layers, int) or layers < 1):
+        raise ValueError(f"{where}: 'layers' must be a count >= 1 (the top layers) or 'all'")
+    modules = raw.get("modules", "all")
+    if not isinstance(modules, str):
+        raise ValueError(f"{where}: 'modules' must be 'all', 'mlp', 'self_attn' or comma-separated names")
+    words = tuple(GROUPS.get(w.strip(), w.strip()) for w in modules.split(",") if w.strip() and w.strip() != "all")
+    return UnfreezeEntry(step, None if epoch is None else float(epoch), None if layers == "all" else layers, words)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -22,6 +22,12 @@ EXTRAS = {
 # Not an extra (CUDA only, built against the user's torch): what attn_implementation: flash_attention_2 loads.
 FLASH_ATTN = ("flash-attn", "attn_implementation: flash_attention_2 (CUDA only; pip install flash-attn)")
 
+# bitsandbytes (0.49+) repacks a 4-bit weight for its CPU kernel on CPUs with AVX-512 BF16: output rows
+# in blocks of 32 and the per-block scales as (out, in / 64), so it asserts or fails on a layer whose
+# output width is not a multiple of 32 or whose input width is not a multiple of the 64-wide block.
+CPU_4BIT_ROWS = 32
+CPU_4BIT_BLOCKSIZE = 64
+
 CPUINFO = Path("/proc/cpuinfo")
 # The repository's constraints.txt (src/r1tune/envinfo.py -> repository root); a wheel install has none.
 CONSTRAINTS = Path(__file__).resolve().parents[2] / "constraints.txt"
@@ -157,8 +163,6 @@ def bnb_cpu_4bit() -> str:
     finally:
         quiet.setLevel(level)
     if repacks:
-        from r1tune.models.quantize import CPU_4BIT_BLOCKSIZE, CPU_4BIT_ROWS
-
         return (f"repacks 4-bit weights for its AVX-512 BF16 kernel: a layer fits when its output width is "
                 f"divisible by {CPU_4BIT_ROWS} and its input width by {CPU_4BIT_BLOCKSIZE} (r1tune keeps others "
                 "fp32 in 4-bit exports)")

@@ -67,11 +67,11 @@ import os
 import random
 import re
 import sys
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from r1tune.config import AugmentOptions
 from r1tune.data.formats import Conversation
 from r1tune.errors import UserError, did_you_mean
 
@@ -108,23 +108,6 @@ DEFAULT_TEMPLATES = [
 ]
 
 REPLACE_BUNDLED = "# r1tune: replace-bundled"
-
-
-@dataclass
-class AugmentOptions:
-    synonym_prob: float = 0.0        # per eligible word/phrase: chance to replace it with a synonym
-    insert_prob: float = 0.0         # per word: chance to insert a synonym of a random table word of the text after it
-    shuffle_window: int = 0          # local shuffle: words (zh: clauses) move at most this many positions; 0 = off
-    template_rotation: float = 0.0   # share of samples whose last user message is wrapped in an instruction template
-    instruction_templates: list[str] | None = None   # templates with "{instruction}"; None: DEFAULT_TEMPLATES
-    synonyms_file: str | None = None # user TSV table merged into the bundled ones
-    back_translate: str | None = None  # "module.path:function", f(text: str, rng: random.Random) -> str
-    augment_targets: bool = False
-    ratio: float = 1.0               # share of samples augmented at all each epoch
-
-    def enabled(self) -> bool:
-        return self.ratio > 0 and (self.synonym_prob > 0 or self.insert_prob > 0 or self.shuffle_window > 0
-                                   or self.template_rotation > 0 or bool(self.back_translate))
 
 
 # --- protected spans --------------------------------------------------------------

@@ -16,7 +16,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from r1tune.data.leakage import Leakage, find_leakage
 from r1tune.data.registry import resolve_datasets
 from r1tune.data.store import ExampleStore, StoreWriter
 from r1tune.errors import UserError
+from r1tune.fileio import atomic_folder
 
 FORMAT_VERSION = 2
 KEY_OPTIONS = ("stage", "dataset", "eval_dataset", "dataset_dir", "cutoff_len", "max_samples", "mix_strategy",
@@ -106,11 +106,8 @@ def load_entry(folder: Path) -> PreparedData:
 
 
 def _build(cfg, tokenizer, folder: Path) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # built in a temp folder that replaces an older entry whole; removed if building fails
+    with atomic_folder(folder) as tmp:
         report = DataReport()
         open_train, val_samples = _split_streams(cfg, report)
         train_stream = open_train(report.skipped if cfg.on_bad_record == "skip" else None)
@@ -137,18 +134,6 @@ def _build(cfg, tokenizer, folder: Path) -> None:
         counts["dropped"] = dict(report.dropped)  # (asdict would rebuild the Counter from tuples)
         counts["leakage"] = dataclasses.asdict(report.leakage) if report.leakage else None
         (tmp / "report.json").write_text(json.dumps(counts), encoding="utf-8")
-        _move_into_place(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _move_into_place(tmp: Path, folder: Path) -> None:
-    """Rename the finished entry into place; an older entry is moved aside first, then removed."""
-    if folder.exists():
-        old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
-        os.replace(folder, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, folder)
 
 
 def _split_streams(cfg, report: DataReport):

@@ -1,4 +1,4 @@
-"""Text-generation metrics: BLEU-4, ROUGE-L, exact match, accuracy, F1, perplexity.
+"""Text-generation metrics: BLEU-4, ROUGE-L, exact match, accuracy, F1 (perplexity: r1tune.train.held_out).
 
 Own implementations with no runtime dependency on sacrebleu, rouge-score or jieba;
 tests/test_metrics.py checks them against those libraries.
@@ -279,11 +279,3 @@ def reasoning_tokens(text: str) -> int:
     return len(tokenize_for_metrics(split_answer(text)[0]))
 
 
-def perplexity(total_nll: float, tokens: int) -> float:
-    """exp(mean negative log-likelihood per token); inf when that overflows a float."""
-    if tokens <= 0:
-        raise ValueError(f"perplexity needs at least one token, got {tokens}")
-    try:
-        return math.exp(total_nll / tokens)
-    except OverflowError:
-        return math.inf

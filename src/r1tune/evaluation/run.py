@@ -29,8 +29,9 @@ from r1tune.evaluation.report import (derived, format_gain, gate_actual, judge, 
                                       write_report)
 from r1tune.fileio import write_text_atomic
 from r1tune.models.loading import load_model, load_tokenizer, resolve_model_path
-from r1tune.train import batching
-from r1tune.train.losses import causal_lm_loss_sum
+from r1tune.models.run_loading import load_run
+from r1tune.train.held_out import held_out_sum
+from r1tune.train.held_out import perplexity as held_out_perplexity
 from r1tune.ui import console, progress
 
 
@@ -42,9 +43,7 @@ def run_eval(cfg: RunConfig) -> int:
     if not (tuned_dir / "r1tune_config.yaml").is_file():
         raise UserError(f"output_dir '{tuned_dir}' holds no trained model (no r1tune_config.yaml); "
                         "run 'r1tune train' with this config first, or point output_dir at a finished run")
-    from r1tune.serve.chat import load_for_chat
-
-    model, tokenizer = load_for_chat(str(tuned_dir))
+    model, tokenizer = load_run(str(tuned_dir))
     apply_template_choice(tokenizer, cfg.template, cfg.source, needs_template=True)
     held_out = held_out_set(cfg, tokenizer)
     out = Path(cfg.eval_output_dir or tuned_dir / "eval")
@@ -119,21 +118,14 @@ def generate(model, tokenizer, prompts: list[str], cfg: RunConfig, desc: str | N
                           progress=desc)
 
 
-@torch.no_grad()
 def perplexity(model, examples, pad_id: int, batch_size: int, desc: str | None = None):
-    """exp(mean token loss) over the held-out answers, teacher-forced; n/a when no answer token is left."""
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
-    starts = range(0, len(examples), batch_size)
-    for i in progress(starts, desc) if desc else starts:
-        batch = batching.collate(examples[i:i + batch_size], pad_id, "sdpa")
-        inputs = {k: v.to(device) for k, v in batching.model_inputs(batch).items() if v is not None}
-        logits = model(**inputs, use_cache=False).logits
-        total += causal_lm_loss_sum(logits, batch["labels"].to(device)).item()
-        count += batching.count_targets(batch)
+    """exp(mean token loss) over the held-out answers, teacher-forced, as training measures it
+    (train.held_out); n/a when no answer token is left."""
+    batches = (lambda parts: progress(parts, desc)) if desc else None
+    total, count = held_out_sum(model, examples, pad_id, batch_size, batches=batches)
     if not count:
         return metrics.NotApplicable("no answer tokens within cutoff_len")
-    return metrics.perplexity(total, count)
+    return held_out_perplexity(total / count)
 
 
 def write_predictions(path: Path, held: HeldOut, texts: list[str], answers: list[str]) -> None:

@@ -12,7 +12,6 @@ The folder is written beside its final place, reloaded and scored there, then re
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +20,9 @@ import torch
 from r1tune.export.evalset import EvalSet, eval_perplexity, fixed_sentences
 from r1tune.export.int8 import load_fp32
 from r1tune.export.merge import safetensors_bytes
+from r1tune.fileio import atomic_folder
 from r1tune.models.quantize import (CPU_4BIT_BLOCKSIZE, CPU_4BIT_ROWS, cpu_4bit_misfits, flatten_int8_inputs, output_head_name,
                                     quantization_config, require_bitsandbytes)
-from r1tune.train.checkpoint import atomic_dir, commit_dir
 
 INT8_CPU_NOTE = ("bitsandbytes' CPU LLM.int8 kernel takes inputs of at most 3 dimensions and this model's attention "
                  "sends 4-D ones, so the perplexity was measured with r1tune's input reshape "
@@ -65,8 +64,7 @@ def quantize_bnb(model_dir, out_dir, bits: int, evalset: EvalSet | None = None) 
     evalset = evalset or fixed_sentences(tokenizer)
     fp32_ppl = eval_perplexity(load_fp32(model_dir), evalset, tokenizer)
     skip, notes = _layers_kept_fp32(model_dir, bits)
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_folder(out_dir) as tmp:  # only a copy that reloaded and was measured replaces out_dir
         quantized = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, quantization_config=quantization_config(bits, skip_modules=skip),
             **_placement())
@@ -77,10 +75,6 @@ def quantize_bnb(model_dir, out_dir, bits: int, evalset: EvalSet | None = None) 
         ppl, ppl_notes = _perplexity(reloaded, evalset, tokenizer)
         layers, share, kept = _quantized_share(reloaded)
         size = safetensors_bytes(tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return BnbReport(out_dir, bits, size, safetensors_bytes(model_dir), ppl, fp32_ppl, evalset.description,
                      layers, share, notes + ppl_notes + kept)
 

@@ -58,7 +58,7 @@ def training_config(run_dir: Path):
     Keys at their defaults are dropped first: the saved file lists every key, and the other methods'
     ones would each print a no-effect notice."""
     from r1tune.config import RunConfig, validate_config
-    from r1tune.serve.chat import training_config as saved_keys
+    from r1tune.models.run_loading import training_config as saved_keys
 
     fields = RunConfig.model_fields
     raw = {k: v for k, v in saved_keys(run_dir).items() if k in fields and v != fields[k].default}
@@ -66,7 +66,9 @@ def training_config(run_dir: Path):
 
 
 def eval_perplexity(model, evalset: EvalSet, tokenizer) -> float:
-    from r1tune.evaluation.run import perplexity
+    """The held-out perplexity training and r1tune eval report (train.held_out)."""
+    from r1tune.train.held_out import held_out_sum, perplexity
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # padding is masked out
-    return perplexity(model, evalset.examples, pad_id, evalset.batch_size)
+    total, count = held_out_sum(model, evalset.examples, pad_id, evalset.batch_size)
+    return perplexity(total / max(count, 1))

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from r1tune.errors import UserError
+from r1tune.fileio import atomic_path, write_text_atomic
 
 SUPPORTED = ("qwen2", "llama")
 NOT_SUPPORTED_WHY = {
@@ -62,27 +63,18 @@ def export_gguf(model_dir, out_path, dtype: str = "f16") -> Path:
     arch = _check_arch(config)
     if dtype not in DTYPES:
         raise UserError(f"GGUF dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}.")
-    tmp = _temp_path(out_path)
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        _add_metadata(writer, config, model_dir.name, dtype)
-        _add_tokenizer(writer, model_dir, config)
-        _add_tensors(writer, model_dir, config, arch, dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp:
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            _add_metadata(writer, config, model_dir.name, dtype)
+            _add_tokenizer(writer, model_dir, config)
+            _add_tensors(writer, model_dir, config, arch, dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()  # flushed and closed before the rename (or the removal on error)
     return out_path
-
-
-def _temp_path(out_path: Path) -> Path:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    return out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
 
 
 def _load_config(model_dir: Path) -> dict:
@@ -476,7 +468,7 @@ def write_modelfile(gguf_path, out_path, tokenizer) -> Path:
             f'TEMPLATE """{template}"""\n\n'
             f'PARAMETER stop "{eos}"\n'
             f'PARAMETER stop "{T.USER}"\n')
-    return _atomic_write_text(out_path, text)
+    return write_text_atomic(out_path, text)
 
 
 def _gguf_adds_bos(gguf_path: Path) -> bool:
@@ -510,15 +502,3 @@ def _generation_prompt(tokenizer) -> str:
 def _relative_from(gguf_path: Path, out_path: Path) -> str:
     rel = os.path.relpath(gguf_path.resolve(), out_path.resolve().parent)
     return rel if rel.startswith(("..", "/")) else f"./{rel}"
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -38,7 +38,6 @@ from the config, swaps in the quantized modules, and loads the tensors.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -48,7 +47,7 @@ import torch
 from torch import nn
 
 from r1tune.export.evalset import EvalSet, eval_perplexity, fixed_sentences
-from r1tune.train.checkpoint import atomic_dir, commit_dir
+from r1tune.fileio import atomic_folder
 
 QUANT_FILE = "int8_quant.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -181,13 +180,8 @@ def _write_folder(model, names: list[str], model_dir: Path, tmp: Path) -> None:
 
 def save_int8(model, names: list[str], model_dir: Path, out_dir: Path) -> Path:
     """Write the quantized model to out_dir atomically (temp sibling folder, then rename)."""
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_folder(out_dir) as tmp:
         _write_folder(model, names, model_dir, tmp)
-        commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

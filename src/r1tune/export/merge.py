@@ -9,16 +9,12 @@ The folder is written beside its final place and renamed into it, so it is never
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from r1tune.errors import UserError
-from r1tune.export.modelcard import read_json
-from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
-from r1tune.train.checkpoint import atomic_dir, commit_dir
+from r1tune.fileio import atomic_folder
 
 PARITY_LIMIT = 1e-4
 
@@ -32,19 +28,6 @@ class MergeResult:
     @property
     def passed(self) -> bool:
         return self.max_abs_diff <= PARITY_LIMIT
-
-
-def check_mergeable(folder: Path) -> None:
-    if (folder / BOTTLENECK_CONFIG).is_file():
-        raise UserError(f"'{folder}' holds bottleneck adapters, which add a nonlinear block and cannot be merged into "
-                        "the base weights; serve the base model with the adapter folder instead (r1tune serve/chat)")
-    peft_type = (read_json(folder / "adapter_config.json") or {}).get("peft_type", "")
-    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
-        raise UserError(f"'{folder}' holds a {peft_type.lower()} adapter: virtual tokens are not weights and cannot be "
-                        "merged into the base; serve the base with the adapter folder instead (r1tune serve/chat)")
-    if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-        raise UserError(f"'{folder}' holds no trained model (no adapter_config.json or config.json); "
-                        "run 'r1tune train' first or point output_dir at a finished run")
 
 
 def probe_batch(vocab_size: int, seed: int = 0) -> dict:
@@ -79,8 +62,7 @@ def merge_to_folder(model, tokenizer, final: Path, shard_gb: float, extra_files:
     expected = logits_of(model, batch)  # before moving: the reference is the CPU fp32 model
     model = model.to(device)
     merged = model.merge_and_unload() if hasattr(model, "peft_config") else model
-    tmp = atomic_dir(final)
-    try:
+    with atomic_folder(final) as tmp:  # a failed save or reload leaves `final` as it was
         with exact_lora_targets():
             merged.save_pretrained(tmp, max_shard_size=f"{int(shard_gb * 1024)}MB", safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -89,8 +71,4 @@ def merge_to_folder(model, tokenizer, final: Path, shard_gb: float, extra_files:
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         diff = (logits_of(reloaded, batch) - expected).abs().max().item()
         shards = len(list(tmp.glob("*.safetensors")))
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return MergeResult(final, diff, shards)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from r1tune.errors import UserError
+from r1tune.fileio import atomic_folder
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -77,15 +77,10 @@ def export_onnx(model, out_dir, opset: int | None = None, seq_len: int = 16) -> 
     start = time.perf_counter()
     model = _load(model)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:  # only a graph that passed validation replaces out_dir
         with _exportable(model):
             exporter = _export(LogitsOnly(model).eval(), tmp / FILENAME, opset, seq_len)
             diff = validate(model, tmp / FILENAME, seq_len + 5, batch=3)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     return OnnxReport(out_dir / FILENAME, size, diff, time.perf_counter() - start, exporter)
 
@@ -189,17 +184,6 @@ def run_onnx(path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndar
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
     return session.run([OUTPUT], feeds)[0]
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` onto ``dst``; an existing ``dst`` is moved aside first and removed after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{time.time_ns()}")
-        dst.rename(old)
-    src.rename(dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _param_bytes(module) -> int:

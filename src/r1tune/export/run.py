@@ -13,11 +13,12 @@ import torch
 
 from r1tune.config import RunConfig, missing_key_message
 from r1tune.errors import UserError
-from r1tune.export.merge import PARITY_LIMIT, check_mergeable, merge_to_folder, safetensors_bytes
+from r1tune.export.merge import PARITY_LIMIT, merge_to_folder, safetensors_bytes
 from r1tune.export.modelcard import model_card
 from r1tune.models.configured import load_configured, run_folder
 from r1tune.models.loading import read_adapter_base
 from r1tune.models.methods import require_adapter_folders
+from r1tune.models.run_loading import check_mergeable
 from r1tune.ui import console
 
 

@@ -21,6 +21,7 @@ from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, read_adapter_base, resolve_model_path
 from r1tune.models.methods import load_lora, merge_adapters, require_adapter_folders
 from r1tune.models.quantize import is_quantized, quantization_config
+from r1tune.models.run_loading import check_mergeable, load_run, read_bottleneck_base
 
 TRAINED_MARKERS = ("r1tune_config.yaml", "adapter_config.json", "config.json", BOTTLENECK_CONFIG)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -59,12 +60,9 @@ def run_folder(cfg: RunConfig) -> Path | None:
 
 
 def _load_run(cfg: RunConfig, run_dir: Path, quantized: bool, merge_all: bool) -> Configured:
-    from r1tune.export.merge import check_mergeable
-    from r1tune.serve.chat import load_for_chat, read_bottleneck_base
-
     if merge_all:
         check_mergeable(run_dir)
-    model, tokenizer = load_for_chat(str(run_dir), quantized)
+    model, tokenizer = load_run(str(run_dir), quantized)
     base = read_adapter_base(run_dir) or read_bottleneck_base(run_dir) or cfg.model_name_or_path
     if merge_all and hasattr(model, "peft_config"):
         if is_quantized(model):
@@ -75,8 +73,6 @@ def _load_run(cfg: RunConfig, run_dir: Path, quantized: bool, merge_all: bool) -
 
 
 def _load_named(cfg: RunConfig, quantized: bool, merge_all: bool) -> Configured:
-    from r1tune.export.merge import check_mergeable
-
     ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
     base = resolve_model_path(cfg.model_name_or_path)
     folders = require_adapter_folders(cfg.adapter_name_or_path)

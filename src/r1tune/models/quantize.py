@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from r1tune.envinfo import CPU_4BIT_BLOCKSIZE, CPU_4BIT_ROWS  # bitsandbytes' CPU 4-bit layout (see there)
 from r1tune.errors import UserError
 
 
@@ -19,13 +20,6 @@ def require_bitsandbytes(key: str) -> None:
     except Exception as exc:  # ImportError, or a broken native library
         raise UserError(f"config key '{key}' needs bitsandbytes, which is not usable here ({type(exc).__name__}); "
                         "install it with `pip install bitsandbytes` (>= 0.49 for CPU) or remove the key") from None
-
-
-# bitsandbytes (0.49+) repacks a 4-bit weight for its CPU kernel on CPUs with AVX-512 BF16: output rows
-# in blocks of 32 and the per-block scales as (out, in / 64), so it asserts or fails on a layer whose
-# output width is not a multiple of 32 or whose input width is not a multiple of the 64-wide block.
-CPU_4BIT_ROWS = 32
-CPU_4BIT_BLOCKSIZE = 64
 
 
 def quantization_config(bits: int | None, quant_type: str = "nf4", double: bool = True,

@@ -8,8 +8,6 @@ the chosen architecture as safetensors. Same seed, same files.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from r1tune.data import templates as T
+from r1tune.fileio import atomic_folder
 
 ARCHES = ("deepseek_v3", "qwen2", "llama")
 SPECIAL = [T.BOS, T.EOS, T.PAD, T.USER, T.ASSISTANT]
@@ -127,15 +126,7 @@ def build_tiny(out: str | Path, arch: str = "deepseek_v3", seed: int = 0,
     widen_output_head(model, hidden_size)
     model.generation_config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id, do_sample=False)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:  # an interrupted build never leaves a half-written model folder
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -11,57 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 from torch import nn
 
+from r1tune.config import GROUPS, UnfreezeEntry, parse_schedule  # noqa: F401 (the trainer imports parse_schedule here)
 from r1tune.errors import UserError
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
-GROUPS = {"mlp": "mlp", "ffn": "mlp", "self_attn": "self_attn", "attention": "self_attn", "attn": "self_attn"}
-
-
-@dataclass(frozen=True)
-class UnfreezeEntry:
-    step: int | None
-    epoch: float | None
-    layers: int | None  # None: every layer
-    modules: tuple[str, ...]  # () : every module
-
-    def describe(self) -> str:
-        where = "all layers" if self.layers is None else f"top {self.layers} layer{'s' * (self.layers != 1)}"
-        return f"{', '.join(self.modules) or 'all modules'} of {where}"
-
-
-def parse_schedule(entries: list) -> list[UnfreezeEntry]:
-    """Config entries -> UnfreezeEntry list; ValueError naming the entry when one is malformed."""
-    if not entries:
-        raise ValueError("'unfreeze_schedule' is empty; give at least one {step: 0, layers: 1} entry")
-    return [_parse_entry(i, e) for i, e in enumerate(entries)]
-
-
-def _parse_entry(i: int, raw) -> UnfreezeEntry:
-    where = f"unfreeze_schedule entry {i + 1}"
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be a mapping like {{step: 0, layers: 2, modules: mlp}}")
-    unknown = set(raw) - {"step", "epoch", "layers", "modules"}
-    if unknown:
-        raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; use step or epoch, layers, modules")
-    if ("step" in raw) == ("epoch" in raw):
-        raise ValueError(f"{where} needs exactly one of 'step' or 'epoch'")
-    step, epoch = raw.get("step"), raw.get("epoch")
-    if step is not None and (not isinstance(step, int) or step < 0):
-        raise ValueError(f"{where}: 'step' must be a whole number >= 0")
-    if epoch is not None and (not isinstance(epoch, (int, float)) or epoch < 0):
-        raise ValueError(f"{where}: 'epoch' must be a number >= 0")
-    layers = raw.get("layers", "all")
-    if layers != "all" and (not isinstance(layers, int) or layers < 1):
-        raise ValueError(f"{where}: 'layers' must be a count >= 1 (the top layers) or 'all'")
-    modules = raw.get("modules", "all")
-    if not isinstance(modules, str):
-        raise ValueError(f"{where}: 'modules' must be 'all', 'mlp', 'self_attn' or comma-separated names")
-    words = tuple(GROUPS.get(w.strip(), w.strip()) for w in modules.split(",") if w.strip() and w.strip() != "all")
-    return UnfreezeEntry(step, None if epoch is None else float(epoch), None if layers == "all" else layers, words)
 
 
 def layer_indices(model: nn.Module) -> list[int]:

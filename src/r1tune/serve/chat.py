@@ -1,71 +1,14 @@
-"""Terminal chat with a fine-tuned output dir: streaming, reasoning shown apart from the answer."""
+"""Terminal chat with a fine-tuned output dir: streaming, reasoning shown apart from the answer.
+
+The model comes from r1tune.models.run_loading (a run dir) or r1tune.models.configured (a config)."""
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
-
-import yaml
 
 from r1tune.data.templates import THINK_CLOSE
-from r1tune.errors import UserError
-from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
-from r1tune.models.bottleneck import load_bottleneck
-from r1tune.models.loading import load_model, load_tokenizer, read_adapter_base
-from r1tune.models.methods import load_lora, merge_adapters, merged_adapters
-from r1tune.models.quantize import quantization_config
 
 DIM, RESET = "\033[2m", "\033[0m"
-
-
-def load_for_chat(folder: str, quantized: bool = True):
-    """(model, tokenizer) from an r1tune output dir: base + PEFT adapter (LoRA, AdaLoRA, virtual tokens),
-    base + bottleneck adapters, or a full model. A QLoRA adapter gets its base quantized as in training
-    (quantized=False: in full precision, e.g. to merge it)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise UserError(f"'{folder}' is not a folder; pass an r1tune output_dir or a model folder")
-    bottleneck = read_bottleneck_base(path)
-    base = read_adapter_base(path) or bottleneck
-    tokenizer = load_tokenizer(str(path), is_model_dir=base is None)
-    if base is None:
-        return load_model(str(path)), tokenizer
-    run = training_config(path)
-    model = load_model(base, quantization=training_quantization(run) if quantized else None)
-    model = merge_adapters(model, merged_adapters(run.get("adapter_name_or_path"), run.get("create_new_adapter", False)))
-    if bottleneck:
-        return load_bottleneck(model, path), tokenizer
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # domain tokens were added
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the adapter holds the new rows
-    return load_lora(model, str(path)), tokenizer
-
-
-def read_bottleneck_base(folder: Path) -> str | None:
-    config = folder / BOTTLENECK_CONFIG
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text(encoding="utf-8"))["base_model_name_or_path"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise UserError(f"{config}: not a valid bottleneck adapter config; re-save the adapter") from None
-
-
-def training_config(folder: Path) -> dict:
-    """The run config saved with an output dir ({} for a folder r1tune did not write)."""
-    saved = folder / "r1tune_config.yaml"
-    return (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}) if saved.is_file() else {}
-
-
-def training_quantization(raw: dict):
-    """The BitsAndBytesConfig a run trained over (QLoRA), or None."""
-    if not raw.get("quantization_bit"):
-        return None
-    import torch
-
-    compute = torch.bfloat16 if raw.get("bf16") else torch.float32
-    return quantization_config(raw["quantization_bit"], raw.get("quantization_type", "nf4"),
-                               raw.get("double_quantization", True), compute)
 
 
 class ReasoningPrinter:

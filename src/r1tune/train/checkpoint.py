@@ -1,4 +1,4 @@
-"""Resumable checkpoints, written atomically (a temp folder renamed into place).
+"""Resumable checkpoints, written atomically (r1tune.fileio: a temp folder renamed into place).
 
 A checkpoint holds only what training changes: the trainable weights (safetensors),
 the optimizer state (loaded back with weights_only=True, never a general unpickle),
@@ -8,10 +8,8 @@ the RNG state and a small JSON trainer state.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from r1tune.errors import UserError
+from r1tune.fileio import atomic_folder
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -34,23 +33,9 @@ class TrainerState:
     watch: dict = field(default_factory=dict)  # TrainingWatch state: early stopping and lr plateau
 
 
-def atomic_dir(final: Path):
-    """A fresh temp folder beside `final`; call commit_dir() to move it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}.", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    os.chmod(tmp, 0o755)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def save_checkpoint(output_dir: Path, model, optimizer, state: TrainerState, limit: int | None) -> Path:
     final = output_dir / f"checkpoint-{state.global_step}"
-    tmp = atomic_dir(final)
-    try:
+    with atomic_folder(final) as tmp:  # an interrupted save never leaves a checkpoint that resume would pick
         weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(tmp / WEIGHTS_FILE))
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
@@ -59,10 +44,6 @@ def save_checkpoint(output_dir: Path, model, optimizer, state: TrainerState, lim
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / RNG_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if limit:
         for old in list_checkpoints(output_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)

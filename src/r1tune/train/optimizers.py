@@ -16,16 +16,8 @@ All state is tensors/ints/floats, so checkpoints load with torch.load(weights_on
 
 import torch
 
+from r1tune.config import OPTIMIZERS
 from r1tune.errors import UserError, did_you_mean
-
-OPTIMIZERS: dict[str, str] = {
-    # canonical names are accepted too, so canonical_optim is idempotent
-    "adamw": "adamw", "adamw_torch": "adamw", "adamw_torch_fused": "adamw_fused", "adamw_fused": "adamw_fused",
-    "lion": "lion", "lion_32bit": "lion",
-    "adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit",
-    "lion_8bit": "lion_8bit", "paged_lion_8bit": "lion_8bit",
-    "adafactor": "adafactor",
-}
 
 
 def canonical_optim(name: str, source: str = "config") -> str:

@@ -21,14 +21,12 @@ from r1tune.data.encode import Example
 from r1tune.errors import UserError
 from r1tune.models.adalora import is_adalora, orthogonal_penalty, update_ranks
 from r1tune.models.attention import mask_format
-from r1tune.models.prompt_methods import is_prompt_learning
 from r1tune.models.quantize import is_quantized
 from r1tune.models.unfreeze import Unfreezer, parse_schedule
 from r1tune.train import batching, checkpoint, optimizers, schedule
 from r1tune.train.checkpoint import TrainerState
-from r1tune.train.chunked_loss import chunked_loss_sum, plain_head
 from r1tune.train.logs import MetricsLog
-from r1tune.train.losses import causal_lm_loss_sum
+from r1tune.train.held_out import LossSum, held_out_sum, perplexity
 from r1tune.train.memory import checkpointing_decision, release_free_memory
 from r1tune.train.watch import TrainingWatch
 
@@ -79,26 +77,13 @@ def total_steps(cfg, n_examples: int) -> int:
     return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
 
 
-def choose_loss_path(model, chunked: bool | None):
-    """(decoder, head) for the chunked loss, or None for the plain one; `chunked` None means when possible."""
-    prompt = is_prompt_learning(model)  # virtual tokens enter through the PEFT wrapper's own forward
-    split = plain_head(model) if chunked is not False and not prompt else None
-    if chunked and prompt:
-        raise UserError("config key 'chunked_loss' is true, but prompt / prefix / P-tuning models compute their "
-                        "logits through PEFT's wrapper; remove the key (or set it false)")
-    if chunked and split is None:
-        raise UserError(f"config key 'chunked_loss' is true, but {type(model).__name__}'s logits are not a plain "
-                        "output projection of the last hidden state; remove the key (or set it false)")
-    return split
-
-
 class Trainer:
     def __init__(self, model, cfg, train: list[Example], val: list[Example], pad_id: int, output_dir: Path,
                  epoch_examples=None, no_decay_names: frozenset[str] = frozenset(), generation=None):
         self.model, self.cfg, self.train_set, self.val_set = model, cfg, train, val
         self.pad_id, self.output_dir = pad_id, output_dir
         self.attn = mask_format(getattr(model.config, "_attn_implementation", None))
-        self.split = choose_loss_path(model, cfg.chunked_loss)
+        self.loss_sum = LossSum(model, cfg.chunked_loss)
         self.device = pick_device()
         if not is_quantized(model):  # bitsandbytes places quantized weights itself
             self.model.to(self.device)
@@ -187,7 +172,7 @@ class Trainer:
                 self.watch.maybe_generate(step, log)
                 if self.val_set and self.cfg.eval_steps and step % self.cfg.eval_steps == 0 and step < self.total:
                     eval_loss = self._log_eval(log)
-                    stopped = self.watch.after_eval(step, {"loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}, log)
+                    stopped = self.watch.after_eval(step, {"loss": eval_loss, "perplexity": perplexity(eval_loss)}, log)
                 if self.watch.alarmed:
                     tqdm.write("grad_norm_alarm is 'stop': saving a checkpoint and stopping")
                     stopped = True
@@ -230,32 +215,16 @@ class Trainer:
             release_free_memory()
         return total_loss, tokens, grad_norm
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean token loss over the validation set."""
-        self.model.eval()
-        total, count = 0.0, 0
-        size = self.cfg.per_device_eval_batch_size
-        parts = [part for i in range(0, len(self.val_set), size)
-                 for part in batching.split_by_tokens(self.val_set[i:i + size], self.micro_tokens)]
-        for part in parts:
-            batch = batching.collate(part, self.pad_id, self.attn)
-            batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
-            with self.autocast():
-                total += self._loss_sum(batch).item()
-            count += batching.count_targets(batch)
+        """Mean token loss over the validation set (train.held_out, as r1tune eval measures it)."""
+        total, count = held_out_sum(self.model, self.val_set, self.pad_id, self.cfg.per_device_eval_batch_size,
+                                    self.loss_sum, self.micro_tokens, self.autocast)
         return total / max(count, 1)
 
     # --- steps ------------------------------------------------------------------
     def _loss_sum(self, batch: dict) -> torch.Tensor:
-        """Summed token loss: chunked from the hidden states when the head allows, else from full logits."""
-        inputs = {**batching.model_inputs(batch), "use_cache": False}
-        smoothing = self.cfg.label_smoothing_factor if self.model.training else 0.0
-        if self.split is not None:
-            decoder, head = self.split
-            return chunked_loss_sum(decoder(**inputs).last_hidden_state, head.weight, batch["labels"],
-                                    smoothing=smoothing)
-        return causal_lm_loss_sum(self.model(**inputs).logits, batch["labels"], smoothing)
+        """Summed token loss (label smoothing while training)."""
+        return self.loss_sum(batch, self.cfg.label_smoothing_factor if self.model.training else 0.0)
 
     def _apply_update(self, step: int) -> float:
         lr = self.cfg.learning_rate * schedule.lr_factor(step, self.total, self.warmup, self.cfg.lr_scheduler_type)
@@ -294,7 +263,7 @@ class Trainer:
 
     def _log_eval(self, log: MetricsLog) -> float:
         loss = self.evaluate()
-        ppl = math.exp(min(loss, 50.0))
+        ppl = perplexity(loss)
         log.write({"split": "eval", "step": self.state.global_step, "loss": round(loss, 6), "perplexity": round(ppl, 4)})
         tqdm.write(f"step {self.state.global_step}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
         return loss

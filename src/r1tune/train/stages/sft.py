@@ -7,7 +7,6 @@ before the first byte is written to output_dir.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from r1tune.data.leakage import act_on_leakage
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.evaluation.generate import GenerationScore, exact_match, generation_metrics
-from r1tune.fileio import write_text_atomic
+from r1tune.fileio import atomic_dir, write_text_atomic
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
 from r1tune.models.adalora import is_adalora, rank_allocation, write_rank_report
 from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
@@ -31,7 +30,8 @@ from r1tune.models.expert_selection import EXPERT_LOAD_FILE, select_experts
 from r1tune.models.methods import attach_method, describe_trainable, exact_lora_targets
 from r1tune.models.quantize import quantization_config
 from r1tune.models.vocab import add_domain_tokens, read_token_file, resize_and_init
-from r1tune.train.checkpoint import atomic_dir, find_checkpoint, list_checkpoints
+from r1tune.train.checkpoint import find_checkpoint, list_checkpoints
+from r1tune.train.held_out import perplexity
 from r1tune.train.logs import plot_loss, truncate_log_after
 from r1tune.train.regularize import apply_regularisation
 from r1tune.train.trainer import TrainResult, Trainer, check_precision, pick_device, total_steps, use_bf16
@@ -131,7 +131,7 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     precision = "bf16 autocast" if trainer.bf16 else ("fp16 autocast" if cfg.fp16 else "fp32")
     cutting = f"cut to <= {trainer.micro_tokens} tokens" if trainer.micro_tokens else "not cut"
     console.print(f"speed: {precision}, {'length-grouped' if trainer.plan.group_by_length else 'shuffled'} batches "
-                  f"({cutting}), {'chunked loss' if trainer.split else 'full-logits loss'}, gradient checkpointing "
+                  f"({cutting}), {'chunked loss' if trainer.loss_sum.chunked else 'full-logits loss'}, gradient checkpointing "
                   f"{'on' if trainer.checkpointing else 'off'} ({trainer.checkpointing_reason})", style="dim")
     if resume is not None:
         trainer.load_state(resume)  # validated before anything is written
@@ -177,7 +177,7 @@ def _measure(trainer: Trainer, tokenizer, conversations, cfg, eval_loss: float |
     scores: dict = {}
     if trainer.val_set:
         loss = eval_loss if eval_loss is not None else trainer.evaluate()
-        scores.update(eval_loss=loss, perplexity=math.exp(min(loss, 50.0)))
+        scores.update(eval_loss=loss, perplexity=perplexity(loss))
     if cfg.eval_generate_samples and conversations:
         score: GenerationScore = exact_match(trainer.model, tokenizer, conversations[: cfg.eval_generate_samples],
                                              cfg.max_new_tokens, cfg.empty_think)
