@@ -358,7 +358,7 @@ def test_english_shuffle_keeps_the_sentence_capital():
 
 
 def test_training_examples_are_redrawn_per_epoch_with_targets_untouched(tiny_ds, tmp_path):
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
     from r1tune.data.encode import IGNORE
     from r1tune.data.epochs import augmented_epochs
     from r1tune.models.loading import load_tokenizer

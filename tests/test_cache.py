@@ -7,7 +7,7 @@ import pytest
 
 from r1tune.data import cache as cache_module
 from r1tune.data import dataset as dataset_module
-from r1tune.data.dataset import prepare_data
+from r1tune.data.prepare import prepare_data
 from r1tune.errors import UserError
 from r1tune.models.loading import load_tokenizer
 from tests.conftest import make_cfg, write_jsonl

@@ -64,7 +64,7 @@ def test_model_loss_and_gradients_match(arch, method, request, tmp_path, parity_
 
     from r1tune.models.methods import attach_method
     from r1tune.train import batching
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
     from r1tune.models.loading import load_tokenizer
     from tests.conftest import make_cfg
 

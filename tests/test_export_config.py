@@ -212,7 +212,7 @@ def _held_out_perplexity(model_dir, cfg) -> float:
     """exp(mean loss) over the trained labels of the held-out samples, one sample at a time."""
     from transformers import AutoTokenizer
 
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

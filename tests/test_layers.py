@@ -86,12 +86,16 @@ def layer(module: str) -> int:
     return LAYERS.get(part(module), 0)
 
 
-def edges() -> list[tuple[str, int, str]]:
-    """(importer, line, imported) for every import between different parts of the package."""
+def module_edges() -> list[tuple[str, int, str]]:
+    """(importer, line, imported) for every import of one r1tune module by another."""
     found = modules()
     known = set(found)
-    return [(name, line, target) for name, path in found.items() for line, target in imports(name, path, known)
-            if part(target) != part(name)]
+    return [(name, line, target) for name, path in found.items() for line, target in imports(name, path, known)]
+
+
+def edges() -> list[tuple[str, int, str]]:
+    """module_edges between different parts of the package."""
+    return [(name, line, target) for name, line, target in module_edges() if part(target) != part(name)]
 
 
 def forbidden(importer: str, imported: str) -> bool:
@@ -142,3 +146,26 @@ def test_the_check_sees_an_upward_import(tmp_path, source, importer, expected):
     path.write_text(source, encoding="utf-8")
     found = imports(importer, path, set(modules()))
     assert [t for _, t in found] == [expected] and forbidden(importer, expected)
+
+
+def test_no_module_import_cycle():
+    """Modules import each other one way only (data/cache.py and data/dataset.py once did both)."""
+    graph: dict[str, set[str]] = {}
+    for importer, _, imported in module_edges():
+        if importer != imported:
+            graph.setdefault(importer, set()).add(imported)
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for nxt in sorted(graph.get(module, ())):
+            if state.get(nxt) == "open":
+                cycles.append(" -> ".join(path[path.index(nxt):] + [module, nxt]) if nxt in path else f"{module} -> {nxt}")
+            elif nxt not in state:
+                visit(nxt, path + [module])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

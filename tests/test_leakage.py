@@ -82,7 +82,7 @@ def test_cached_and_in_memory_splits_agree(leaky_run, tiny_qwen):
     from transformers import AutoTokenizer
 
     from r1tune.config import load_config
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen)
     found = [prepare_data(load_config(leaky_run, [f"data_cache={c}"]), tokenizer, say=lambda *a: None).report.leakage
@@ -93,7 +93,7 @@ def test_cached_and_in_memory_splits_agree(leaky_run, tiny_qwen):
 def test_quickstart_split_holds_out_only_new_prompts(tmp_path):
     """The README's held-out figures measure generalisation: no validation prompt is a training prompt."""
     from r1tune.config import load_config
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
     from r1tune.data.dedup import find_duplicates
     from r1tune.models.tiny import build_tokenizer
     from tests.conftest import PARITY, ROOT

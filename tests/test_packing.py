@@ -86,7 +86,7 @@ def test_sliding_windows_train_every_token_once():
 
 
 def test_pt_stage_chunks_and_packs_documents(tiny_qwen, tmp_path):
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
     from r1tune.models.loading import load_tokenizer
     from tests.conftest import make_cfg
 

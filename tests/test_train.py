@@ -92,7 +92,7 @@ def test_checkpoint_is_atomic_and_limited(tiny_ds, parity_file, tmp_path):
 
 def test_accumulation_normalises_over_all_tokens(tiny_ds, parity_file, tmp_path):
     """bs=4 × accumulation 2 gives the same gradient as one batch of 8 (uneven token counts)."""
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
     from r1tune.models.loading import load_model, load_tokenizer
     from r1tune.models.methods import attach_method
 

@@ -96,7 +96,7 @@ def cmd_data(args) -> int:
 
 def _run_data_action(args, console) -> None:
     from r1tune.data import inspect
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
     from r1tune.data.leakage import act_on_leakage
     from r1tune.ui import warn
 

@@ -37,7 +37,7 @@ def export_eval_set(cfg, tokenizer, run_dir: Path | None) -> EvalSet:
     """Up to HELD_OUT_LIMIT held-out samples of the run (val_size split of dataset, or eval_dataset)."""
     if run_dir is None:
         return fixed_sentences(tokenizer, "no r1tune run in the config")
-    from r1tune.data.dataset import prepare_data
+    from r1tune.data.prepare import prepare_data
 
     try:
         run = training_config(run_dir) or cfg

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from r1tune.config import RunConfig, config_to_yaml
-from r1tune.data.dataset import prepare_data, write_skipped
+from r1tune.data.dataset import write_skipped
+from r1tune.data.prepare import prepare_data
 from r1tune.data.epochs import augmented_epochs
 from r1tune.data.leakage import act_on_leakage
 from r1tune.data.templates import apply_template_choice
