@@ -23,7 +23,7 @@ def test_text_and_txt_files(tmp_path):
 
 def test_text_under_sft_says_use_pt(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{"text": "third"}])
-    with pytest.raises(UserError, match=r"b.jsonl line 1: the record holds only 'text'.*stage: pt"):
+    with pytest.raises(UserError, match=r"b.jsonl line 1: the record is plain text.*stage 'sft' does not train on: set 'stage: pt'"):
         load_samples(str(tmp_path / "b.jsonl"), "data", stage="sft")
 
 

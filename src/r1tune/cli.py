@@ -32,9 +32,9 @@ EXAMPLES = {
 
 def cmd_train(args) -> int:
     from r1tune.config import load_config
-    from r1tune.train.stages.sft import run_sft
+    from r1tune.train.stages.registry import run_stage
 
-    run_sft(load_config(args.config, args.overrides))
+    run_stage(load_config(args.config, args.overrides))
     return 0
 
 
@@ -68,6 +68,7 @@ def _data_setup(args):
     from r1tune.config import load_config
     from r1tune.data.templates import apply_template_choice
     from r1tune.models.loading import ensure_tiny_model, load_tokenizer, resolve_model_path
+    from r1tune.stages import stage_data
     from r1tune.train.stages.sft import add_configured_tokens
 
     cfg = load_config(args.config, args.overrides)
@@ -76,7 +77,7 @@ def _data_setup(args):
                 command=f"r1tune data {args.action}" + (" without --plot" if plot_default else ""))
     ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
     tokenizer = load_tokenizer(resolve_model_path(cfg.model_name_or_path), cfg.trust_remote_code)
-    apply_template_choice(tokenizer, cfg.template, args.config, needs_template=cfg.stage != "pt")
+    apply_template_choice(tokenizer, cfg.template, args.config, needs_template=stage_data(cfg.stage).needs_template)
     add_configured_tokens(tokenizer, cfg)
     return cfg, tokenizer
 

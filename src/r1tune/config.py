@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from r1tune.errors import UserError, did_you_mean
+from r1tune.stages import STAGES, stage_data
 
 # Keys other tools accept that change nothing in an r1tune run; accepted with a notice
 # so that a LLaMA-Factory YAML runs unchanged.
@@ -56,7 +57,7 @@ class RunConfig(BaseModel):
     add_tokens: Optional[str] = Field(None, description="Comma-separated domain tokens to add to the vocabulary (embeddings are resized and the new rows trained, with LoRA too).")
     add_tokens_file: Optional[str] = Field(None, description="A UTF-8 file of domain tokens to add, one per line ('#' lines are comments). Pure numbers are skipped; tokens with Latin/digit edges only match whole words, so numbers never split differently.")
     # --- method ----------------------------------------------------------------
-    stage: Literal["sft", "pt"] = Field("sft", description="'sft': supervised fine-tuning on conversations (and text+label classification records); 'pt': continued pretraining on plain text, every token trained.")
+    stage: Literal[tuple(STAGES)] = Field("sft", description="; ".join(f"'{s.name}': {s.description}" for s in STAGES.values()) + ".")
     do_train: bool = Field(True, description="Train; false only reads, checks and reports the data (LLaMA-Factory compatibility).")
     finetuning_type: Literal["lora", "full", "freeze", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck"] = Field(
         "lora", description="lora: PEFT LoRA adapter (with use_dora / use_rslora / pissa_init / QLoRA); full: every weight; freeze: only the top freeze_trainable_layers layers (or unfreeze_schedule); adalora: LoRA whose rank is re-allocated during training; prompt_tuning / prefix_tuning / p_tuning: PEFT virtual tokens; bottleneck: Houlsby adapters after attention and MLP (not mergeable). See docs/methods.md.")
@@ -238,7 +239,7 @@ class RunConfig(BaseModel):
             raise ValueError("give either 'eval_dataset' or 'val_size', not both")
         if self.chunk_overlap * 2 >= self.cutoff_len:
             raise ValueError(f"'chunk_overlap' ({self.chunk_overlap}) must be less than half of cutoff_len ({self.cutoff_len})")
-        if self.augment_options().enabled() and (self.use_packing or self.long_samples == "chunk" or self.stage == "pt"):
+        if self.augment_options().enabled() and (self.use_packing or self.long_samples == "chunk" or stage_data(self.stage).reads_text):
             raise ValueError("augmentation re-encodes samples every epoch and works with truncated conversations only; "
                              "turn off packing / long_samples: chunk (or the augment_* keys)")
         if self.balance_classes and self.use_packing:

@@ -19,20 +19,11 @@ from r1tune.data.leakage import Leakage
 from r1tune.data.readers import read_records
 from r1tune.data.registry import resolve_datasets
 from r1tune.errors import UserError
+from r1tune.stages import stage_data, wrong_kind_message
 from r1tune.fileio import write_text_atomic
 
 NO_TARGET_LEFT = "prompt fills cutoff_len, no answer token left"
 CHUNK = 1000  # records tokenized per batch call
-
-# Which record kinds each training stage learns from, and what to tell the user otherwise.
-STAGE_KINDS = {"sft": ("chat", "cls"), "pt": ("text",)}
-WRONG_KIND = {
-    "text": "holds only 'text', which is pretraining data: set 'stage: pt', or give instruction/output or messages",
-    "preference": "is a preference pair (chosen/rejected); r1tune has no preference-training stage yet "
-                  "('r1tune data stats' and 'data preview' read it)",
-    "kto": "carries a KTO label (kto_tag); r1tune has no KTO stage yet ('r1tune data stats' and 'data preview' read it)",
-}
-
 
 @dataclass
 class SkippedRecord:
@@ -156,11 +147,12 @@ def _read_source(source, max_samples: int | None, skipped, stage: str | None) ->
 
 
 def _to_stage_sample(record: dict, spec, where: str, stage: str | None) -> Sample:
-    if stage == "pt":
+    """The record as the stage reads it; `stage` None reads every kind as itself."""
+    if stage is not None and stage_data(stage).reads_text:
         return pretraining_text(record, spec, where)
     sample = to_sample(record, spec, where)
-    if stage is not None and sample.kind not in STAGE_KINDS[stage]:
-        raise UserError(f"{where}: the record {WRONG_KIND[sample.kind]}")
+    if stage is not None and sample.kind not in stage_data(stage).kinds:
+        raise UserError(f"{where}: the record {wrong_kind_message(sample.kind, stage)}")
     return sample
 
 
@@ -243,7 +235,7 @@ def split_validation(items: list, val_size: float, seed: int, source: str = "con
 def long_sample_mode(cfg) -> str:
     if cfg.long_samples != "auto":
         return cfg.long_samples
-    return "chunk" if cfg.stage == "pt" else "truncate"
+    return stage_data(cfg.stage).long_samples
 
 
 def encode_sample(tokenizer, sample: Sample, empty_think: str) -> Example:

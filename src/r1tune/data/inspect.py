@@ -11,6 +11,7 @@ from r1tune.data.dataset import DataReport, encode_sample, fit_to_window, load_s
 from r1tune.data.encode import IGNORE, Example, encode_segments
 from r1tune.data.kinds import Sample
 from r1tune.data.stats import DataStats, collect_stats, plot_lengths
+from r1tune.stages import stage_data
 from r1tune.ui import console
 
 
@@ -18,8 +19,8 @@ def read_all(cfg) -> tuple[list[Sample], list[str]]:
     """Every record of `dataset` (and `eval_dataset`) of any kind, with the reasons of skipped ones."""
     report = DataReport()
     skipped = report.skipped if cfg.on_bad_record == "skip" else None
-    # stage pt reads any record as text; otherwise every kind is shown as itself
-    common = dict(skipped=skipped, seed=cfg.seed, stage="pt" if cfg.stage == "pt" else None)
+    # a stage that reads every record as text shows them so; otherwise every kind is shown as itself
+    common = dict(skipped=skipped, seed=cfg.seed, stage=cfg.stage if stage_data(cfg.stage).reads_text else None)
     samples = load_samples(cfg.dataset, cfg.dataset_dir, cfg.max_samples, mix_strategy=cfg.mix_strategy,
                            interleave_probs=cfg.interleave_probs, **common)
     if cfg.eval_dataset:

@@ -31,6 +31,7 @@ from r1tune.models.expert_selection import EXPERT_LOAD_FILE, select_experts
 from r1tune.models.methods import attach_method, describe_trainable, exact_lora_targets
 from r1tune.models.quantize import quantization_config
 from r1tune.models.vocab import add_domain_tokens, read_token_file, resize_and_init
+from r1tune.stages import stage_data
 from r1tune.train.checkpoint import find_checkpoint, list_checkpoints
 from r1tune.train.held_out import perplexity
 from r1tune.train.logs import plot_loss, truncate_log_after
@@ -107,7 +108,7 @@ def run_sft(cfg: RunConfig) -> TrainResult | None:
     ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    apply_template_choice(tokenizer, cfg.template, cfg.source, needs_template=cfg.stage != "pt")
+    apply_template_choice(tokenizer, cfg.template, cfg.source, needs_template=stage_data(cfg.stage).needs_template)
     new_ids = add_configured_tokens(tokenizer, cfg)
     data = prepare_data(cfg, tokenizer, say=console.print)
     epochs = augmented_epochs(cfg, tokenizer, data.train_samples, data.train)  # checks the augment_* keys

@@ -1,0 +1,46 @@
+"""What each training stage needs from its data, declared in one place.
+
+A stage names the record kinds it trains on, whether every record is read as plain text, whether it
+needs a chat template, and what `long_samples: auto` means for it. Data reading, `r1tune data`,
+config validation and `r1tune train` all ask this table instead of testing stage names; the stage's
+training code lives in r1tune.train.stages and is registered there under the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# What a record of each kind is, for messages naming a stage that trains on it.
+KIND_NAMES = {"chat": "a conversation", "cls": "a classification record (text + label)",
+              "text": "plain text (pretraining data)", "preference": "a preference pair (chosen/rejected)",
+              "kto": "a record with a KTO label (kto_tag)"}
+
+
+@dataclass(frozen=True)
+class StageData:
+    name: str
+    kinds: tuple[str, ...]  # record kinds the stage trains on
+    reads_text: bool  # every record is read as plain text (any text column), as pretraining does
+    needs_template: bool  # records are rendered with a chat template
+    long_samples: str  # what long_samples 'auto' means: 'chunk' into windows or 'truncate'
+    description: str
+
+
+STAGES = {
+    "sft": StageData("sft", ("chat", "cls"), reads_text=False, needs_template=True, long_samples="truncate",
+                     description="supervised fine-tuning on conversations (and text+label classification records)"),
+    "pt": StageData("pt", ("text",), reads_text=True, needs_template=False, long_samples="chunk",
+                    description="continued pretraining on plain text, every token trained"),
+}
+
+
+def stage_data(name: str) -> StageData:
+    return STAGES[name]
+
+
+def wrong_kind_message(kind: str, stage: str) -> str:
+    """Why a record of `kind` cannot train `stage`, and what to do (a stage that takes it, if any)."""
+    takers = [s.name for s in STAGES.values() if kind in s.kinds]
+    fix = (f"set 'stage: {takers[0]}'" if takers else
+           f"no r1tune stage trains on it yet ('r1tune data stats' and 'data preview' read it)")
+    return f"is {KIND_NAMES[kind]}, which stage '{stage}' does not train on: {fix}"
