@@ -7,81 +7,32 @@ before the first byte is written to output_dir.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from r1tune.config import RunConfig, config_to_yaml
+from r1tune.config import RunConfig
 from r1tune.data.dataset import write_skipped
-from r1tune.data.prepare import prepare_data
 from r1tune.data.epochs import augmented_epochs
 from r1tune.data.leakage import act_on_leakage
+from r1tune.data.prepare import prepare_data
 from r1tune.data.templates import apply_template_choice
-from r1tune.errors import UserError
 from r1tune.evaluation.generate import GenerationScore, exact_match, generation_metrics
-from r1tune.fileio import atomic_dir, write_text_atomic
-from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
+from r1tune.fileio import write_text_atomic
 from r1tune.models.adalora import is_adalora, rank_allocation, write_rank_report
-from r1tune.models.bottleneck import CONFIG as BOTTLENECK_CONFIG
-from r1tune.models.bottleneck import WEIGHTS as BOTTLENECK_WEIGHTS
-from r1tune.models.bottleneck import has_bottleneck, save_bottleneck
-from r1tune.models.expert_selection import EXPERT_LOAD_FILE, select_experts
-from r1tune.models.methods import attach_method, describe_trainable, exact_lora_targets
+from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
+from r1tune.models.expert_selection import select_experts
+from r1tune.models.methods import attach_method, describe_trainable
 from r1tune.models.quantize import quantization_config
 from r1tune.models.vocab import add_domain_tokens, read_token_file, resize_and_init
 from r1tune.stages import stage_data
-from r1tune.train.checkpoint import find_checkpoint, list_checkpoints
+from r1tune.train.checkpoint import find_checkpoint
 from r1tune.train.held_out import perplexity
-from r1tune.train.logs import plot_loss, truncate_log_after
+from r1tune.train.logs import plot_loss
 from r1tune.train.regularize import apply_regularisation
+from r1tune.train.run_dir import check_output_dir, clear_previous_run, forget_after, save_final
 from r1tune.train.trainer import TrainResult, Trainer, check_precision, pick_device, total_steps, use_bf16
 from r1tune.ui import console, print_comparison, warn
-
-FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml", BOTTLENECK_CONFIG)
-RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "update_heatmap.png", "eval_results.json", "r1tune_config.yaml",
-                 "skipped_records.jsonl", "adalora_ranks.json", "adalora_ranks.png", BOTTLENECK_CONFIG,
-                 BOTTLENECK_WEIGHTS, EXPERT_LOAD_FILE,
-                 "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
-                 "model.safetensors.index.json", "config.json", "generation_config.json")
-
-
-def check_output_dir(cfg: RunConfig, resuming: bool) -> None:
-    out = Path(cfg.output_dir)
-    if out.resolve() == Path(cfg.model_name_or_path).expanduser().resolve():
-        raise UserError(f"{cfg.source}: output_dir is the base model's own folder; choose another output_dir")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir '{out}' is a file; choose a folder path")
-    ancestor = out
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"output_dir '{out}' cannot be created: '{ancestor}' is not a writable folder; choose another output_dir")
-    finished = out.is_dir() and any((out / m).exists() for m in FINISHED_MARKERS)
-    if finished and not cfg.overwrite_output_dir and not resuming:
-        raise UserError(f"output_dir '{out}' already holds a trained model; set overwrite_output_dir: true, "
-                        "resume_from_checkpoint: auto, or choose another folder")
-
-
-def clear_previous_run(out: Path) -> None:
-    """A fresh (not resumed) run into an existing folder drops the old run's logs and checkpoints."""
-    for name in RUN_ARTIFACTS:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    for old in list_checkpoints(out):
-        shutil.rmtree(old)
-    for shard in out.glob("model-*-of-*.safetensors"):
-        shard.unlink()
-
-
-def forget_after(out: Path, step: int) -> None:
-    """A resumed run drops what the interrupted run wrote after `step` (log lines, newer checkpoints)."""
-    truncate_log_after(out, step)
-    for newer in list_checkpoints(out):
-        if int(newer.name.split("-")[1]) > step:
-            shutil.rmtree(newer)
-
 
 def add_configured_tokens(tokenizer, cfg: RunConfig) -> list[int]:
     """Add add_tokens / add_tokens_file to the tokenizer; the new ids (notes printed)."""
@@ -211,35 +162,3 @@ def report_method(model, cfg: RunConfig, out: Path, experts) -> None:
                       + (f", {png}" if png else ""))
     if experts:
         experts.finish(model, out)
-
-
-def save_model(model, folder: Path) -> None:
-    """The trained part: bottleneck adapters, a PEFT adapter (PiSSA converted to plain LoRA), or the model."""
-    if has_bottleneck(model):
-        save_bottleneck(model, folder)
-        return
-    with exact_lora_targets():
-        if not hasattr(model, "peft_config"):
-            model.save_pretrained(folder)
-            return
-        # new token rows live in the adapter; do not copy the whole embedding matrices in
-        extra = {"save_embedding_layers": False}
-        start = getattr(model, "_r1tune_pissa_start", None)
-        if start:  # loadable (and mergeable) on the original base weights, by any PEFT user
-            extra["path_initial_model_for_weight_conversion"] = str(start)
-        model.save_pretrained(folder, **extra)
-    if start:
-        shutil.rmtree(start, ignore_errors=True)
-
-
-def save_final(model, tokenizer, cfg: RunConfig, out: Path) -> None:
-    """Adapter or full model + tokenizer + resolved config, each file moved into place atomically."""
-    tmp = atomic_dir(out / "final")
-    try:
-        save_model(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "r1tune_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
