@@ -42,5 +42,5 @@ def wrong_kind_message(kind: str, stage: str) -> str:
     """Why a record of `kind` cannot train `stage`, and what to do (a stage that takes it, if any)."""
     takers = [s.name for s in STAGES.values() if kind in s.kinds]
     fix = (f"set 'stage: {takers[0]}'" if takers else
-           f"no r1tune stage trains on it yet ('r1tune data stats' and 'data preview' read it)")
+           "no r1tune stage trains on it yet ('r1tune data stats' and 'data preview' read it)")
     return f"is {KIND_NAMES[kind]}, which stage '{stage}' does not train on: {fix}"

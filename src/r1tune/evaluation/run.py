@@ -28,7 +28,7 @@ from r1tune.evaluation.generate import answer_of, generate_texts, with_open_thin
 from r1tune.evaluation.report import (derived, format_gain, gate_actual, judge, metric_rows, parse_thresholds,
                                       write_report)
 from r1tune.fileio import write_text_atomic
-from r1tune.models.loading import load_model, load_tokenizer, resolve_model_path
+from r1tune.models.loading import load_model, resolve_model_path
 from r1tune.models.run_loading import load_run
 from r1tune.train.held_out import held_out_sum
 from r1tune.train.held_out import perplexity as held_out_perplexity

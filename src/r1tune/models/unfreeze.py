@@ -14,7 +14,7 @@ import re
 
 from torch import nn
 
-from r1tune.config import GROUPS, UnfreezeEntry, parse_schedule  # noqa: F401 (the trainer imports parse_schedule here)
+from r1tune.config import GROUPS, UnfreezeEntry
 from r1tune.errors import UserError
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")

@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from r1tune.config import parse_schedule
 from r1tune.data.encode import Example
 from r1tune.errors import UserError
 from r1tune.models.adalora import is_adalora, orthogonal_penalty, update_ranks
 from r1tune.models.attention import mask_format
 from r1tune.models.quantize import is_quantized
-from r1tune.models.unfreeze import Unfreezer, parse_schedule
+from r1tune.models.unfreeze import Unfreezer
 from r1tune.train import batching, checkpoint, optimizers, schedule
 from r1tune.train.checkpoint import TrainerState
 from r1tune.train.logs import MetricsLog
