@@ -2,7 +2,8 @@
 
 import pytest
 
-from r1tune.data.encode import IGNORE, encode_conversation, render_segments, split_reasoning
+from r1tune.data.encode import IGNORE, encode_conversation, render_segments
+from r1tune.data.reasoning import split_reasoning
 from r1tune.data.templates import DEEPSEEK_R1_TEMPLATE, apply_template_choice
 from r1tune.errors import UserError
 

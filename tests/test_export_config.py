@@ -110,15 +110,18 @@ def test_adapter_of_another_base_warns_then_fails_clearly(stack, tiny_ds, capsys
 def test_chat_takes_the_config_and_its_overrides(stack, tiny_qwen, tmp_path, monkeypatch):
     import io
 
+    from r1tune.data.reasoning import split_output
     from r1tune.serve import chat
 
     a, b = stack
     config = write_lf_yaml(tmp_path / "chat.yaml", tiny_qwen, [a, b], tmp_path / "unused")
-    seen, printed, real_reply = [], io.StringIO(), chat.reply
-    monkeypatch.setattr(chat, "reply", lambda model, *args, **kw: (seen.append(model), real_reply(
-        model, *args, **{**kw, "out": printed}))[1])
+    seen, printed, replies, real_reply = [], io.StringIO(), [], chat.reply
+    monkeypatch.setattr(chat, "reply", lambda model, *args, **kw: (seen.append(model), replies.append(real_reply(
+        model, *args, **{**kw, "out": printed})))[1])
     assert main(["chat", str(config), "--prompt", "Is 7 even or odd?", "--max-new-tokens", "6"]) == 0
-    assert printed.getvalue().startswith("[reasoning]\n") and len(printed.getvalue()) > len("[reasoning]\n\n")
+    reasoning, answer = split_output(replies[0], opened=True)  # what serve returns for the same text
+    assert printed.getvalue().startswith("[reasoning]\n") and (reasoning or "") in printed.getvalue()
+    assert answer in printed.getvalue()
     assert main(["chat", str(config), f"adapter_name_or_path={a}", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     assert max_diff(seen[0], reference_stack(tiny_qwen, a, b)) <= 1e-5
     assert max_diff(seen[1], reference_stack(tiny_qwen, a)) <= 1e-5

@@ -17,7 +17,6 @@ from r1tune.evaluation.metrics import (
     reasoning_tokens,
     rouge_l,
     sentence_bleu4,
-    split_answer,
     tokenize_for_metrics,
 )
 
@@ -196,16 +195,20 @@ def test_accuracy_and_exact_match():
 
 # --- R1 outputs and perplexity --------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("<think>\nstep 1\n</think>\n\n42", ("step 1", "42")),
-    ("step 1</think>42", ("step 1", "42")),  # the prompt opened <think>
-    ("just 42", ("", "just 42")),
-    ("<think>still thinking", ("still thinking", "")),
-    ("<think>a</think>b</think> c", ("a</think>b", "c")),  # answer after the last </think>
-    ("", ("", "")),
+@pytest.mark.parametrize("text, prompt, expected", [
+    ("<think>\nstep 1\n</think>\n\n42", "Q", "42"),
+    ("step 1</think>42", "Q<think>\n", "42"),  # the prompt opened <think>
+    ("just 42", "Q", "just 42"),
+    ("<think>still thinking", "Q", ""),
+    ("a</think>b</think> c", "Q<think>\n", "b</think> c"),  # the first </think> ends the reasoning, as in serve
+    ("", "Q", ""),
 ])
-def test_split_answer(text, expected):
-    assert split_answer(text) == expected
+def test_answer_is_what_chat_and_serve_show(text, prompt, expected):
+    from r1tune.data.reasoning import split_output
+    from r1tune.evaluation.generate import answer_of
+
+    assert answer_of(text, prompt) == expected
+    assert answer_of(text, prompt) == split_output(text, prompt.endswith("<think>\n"))[1]
 
 
 def test_reasoning_tokens():

@@ -15,7 +15,9 @@ import torch
 from r1tune.serve.app import create_app
 from r1tune.serve.handler import ServeLimits
 from r1tune.serve.models import single
-from r1tune.serve.reasoning import StopScanner, StreamSplitter, cut_at_stop, split_reasoning_output
+from r1tune.data.reasoning import StreamSplitter
+from r1tune.data.reasoning import split_output
+from r1tune.serve.stops import StopScanner, cut_at_stop
 
 KEY = "test-key"
 NAME = "tiny-r1"
@@ -32,8 +34,8 @@ MSGS = [{"role": "user", "content": "What is 2+2?"}]
     ("\n<think>\nhm\n</think>\n\n4", False, ("hm", "4")),
     ("a</think>b</think>c", True, ("a", "b</think>c")),
 ])
-def test_split_reasoning_output(text, opened, expected):
-    assert split_reasoning_output(text, opened) == expected
+def test_split_output(text, opened, expected):
+    assert split_output(text, opened) == expected
 
 
 def assemble(pieces, opened):
@@ -51,7 +53,7 @@ def assemble(pieces, opened):
     ("\n<think>\nhm\n</think>\n\n4", False), ("<thi", False), ("x</think>", True),
 ])
 def test_stream_splitter_matches_split(text, opened):
-    reasoning, answer = split_reasoning_output(text, opened)
+    reasoning, answer = split_output(text, opened)
     for size in (1, 2, 3, 100):  # the tags arrive cut at every place
         parts = assemble([text[i:i + size] for i in range(0, len(text), size)], opened)
         assert parts["reasoning_content"].strip() == (reasoning or "")
@@ -312,3 +314,21 @@ def test_stop_string_in_stream(scripted):
     assert "is 4" not in stream and '"finish_reason": "stop"' in stream
     full = scripted.post("/v1/chat/completions", json={**body, "stream": False}).json()
     assert full["choices"][0]["message"]["content"] == "The answer"
+
+
+@pytest.mark.parametrize("pieces, opened, shown", [
+    (["The last ", "digit is 7.\n</th", "ink>", "\n\n", "odd"], True, "[reasoning]\nThe last digit is 7.\n\n[answer]\nodd\n"),
+    (["<thi", "nk>\nhm\n</think>\n\n4"], False, "[reasoning]\nhm\n\n[answer]\n4\n"),  # the model opens it itself
+    (["plain ", "answer"], False, "plain answer\n"),
+])
+def test_chat_printer_shows_the_parts_serve_returns(pieces, opened, shown):
+    import io
+
+    from r1tune.serve.chat import ReasoningPrinter
+
+    out = io.StringIO()
+    printer = ReasoningPrinter(out, reasoning_open=opened)
+    for piece in pieces:
+        printer.feed(piece)
+    printer.finish()
+    assert out.getvalue() == shown

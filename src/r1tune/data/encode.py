@@ -19,6 +19,7 @@ from jinja2 import TemplateError
 
 from r1tune.data.fast_render import SkeletonRenderer, registry_twin
 from r1tune.data.formats import Conversation
+from r1tune.data.reasoning import split_reasoning
 from r1tune.data.templates import THINK_CLOSE, THINK_OPEN
 
 IGNORE = -100
@@ -42,18 +43,6 @@ class Example:
 
 class TemplateMismatch(ValueError):
     """The chat template does not render conversations as growing prefixes."""
-
-
-def split_reasoning(content: str) -> tuple[str | None, str]:
-    """(reasoning or None, answer) from an assistant message that may hold <think>…</think>."""
-    if THINK_CLOSE not in content:
-        return None, content.strip()
-    before, _, _ = content.rpartition(THINK_CLOSE)
-    answer = content.split(THINK_CLOSE)[-1]
-    reasoning = before.strip()
-    if reasoning.startswith(THINK_OPEN):
-        reasoning = reasoning[len(THINK_OPEN):].strip()
-    return reasoning, answer.strip()
 
 
 def renderer(tokenizer, tools: list | None = None):

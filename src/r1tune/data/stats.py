@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from r1tune.data.dedup import find_duplicates
-from r1tune.data.encode import split_reasoning
+from r1tune.data.reasoning import split_reasoning
 from r1tune.data.kinds import Sample
 from r1tune.data.leakage import prompt_text
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from r1tune import ui
-from r1tune.data.encode import generation_prompt, split_reasoning
+from r1tune.data.encode import generation_prompt
+from r1tune.data.reasoning import prompt_opens_reasoning, split_output, split_reasoning
 from r1tune.data.formats import Conversation
 from r1tune.data.templates import THINK_OPEN
 
@@ -22,14 +23,13 @@ class GenerationScore:
 
 def with_open_think(prompt: str, generated: str) -> str:
     """The generated text with the `<think>` the prompt opened, so the reasoning split sees it."""
-    return THINK_OPEN + generated if prompt.rstrip().endswith(THINK_OPEN) else generated
+    return THINK_OPEN + generated if prompt_opens_reasoning(prompt) else generated
 
 
 def answer_of(generated: str, prompt: str) -> str:
-    """The final answer in generated text; '' while a reasoning block the prompt opened is unclosed."""
-    from r1tune.evaluation.metrics import split_answer
-
-    return split_answer(with_open_think(prompt, generated))[1]
+    """The final answer in generated text, as chat and serve show it (data.reasoning.split_output);
+    '' while a reasoning block is unclosed."""
+    return split_output(generated, prompt_opens_reasoning(prompt))[1]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from r1tune.data.templates import THINK_CLOSE, THINK_OPEN
+from r1tune.data.reasoning import split_output
 
 MAX_ORDER = 4
 
@@ -258,24 +258,8 @@ def f1_scores(predictions: list, labels: list) -> dict[str, float]:
     return {"f1_macro": sum(per_class) / len(per_class), "f1_micro": 2 * tps / (2 * tps + fps + fns)}
 
 
-def split_answer(text: str) -> tuple[str, str]:
-    """(reasoning, answer) of an R1-style output, both stripped.
-
-    The answer follows the last </think>. Without </think> the text is all answer,
-    unless a <think> was opened: then generation stopped mid-reasoning and the
-    answer is "". The opening <think> tag is dropped from the reasoning.
-    """
-    if THINK_CLOSE in text:
-        reasoning, _, answer = text.rpartition(THINK_CLOSE)
-    elif THINK_OPEN in text:
-        reasoning, answer = text, ""
-    else:
-        reasoning, answer = "", text
-    return reasoning.replace(THINK_OPEN, "", 1).strip(), answer.strip()
-
-
 def reasoning_tokens(text: str) -> int:
     """Length of the reasoning part in metric tokens (CJK characters count one each)."""
-    return len(tokenize_for_metrics(split_answer(text)[0]))
+    return len(tokenize_for_metrics(split_output(text, opened=False)[0] or ""))
 
 

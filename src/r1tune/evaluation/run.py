@@ -20,7 +20,8 @@ import torch
 
 from r1tune.config import RunConfig
 from r1tune.data.prepare import prepare_data
-from r1tune.data.encode import generation_prompt, split_reasoning
+from r1tune.data.encode import generation_prompt
+from r1tune.data.reasoning import split_reasoning
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.evaluation import metrics

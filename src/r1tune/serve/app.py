@@ -3,7 +3,7 @@
 Endpoints: POST /v1/chat/completions (stream or not), POST /v1/completions, GET /v1/models,
 POST /predict ({"text"} -> {"text": answer, "reasoning"}), GET /health, GET /metrics (Prometheus).
 
-R1 output is split as DeepSeek's own API does (serve/reasoning.py). Full responses strip each
+R1 output is split as DeepSeek's own API does (data/reasoning.py). Full responses strip each
 part; streamed deltas drop the leading newlines of each part but may carry the blank line
 before `</think>`.
 
@@ -33,7 +33,7 @@ from r1tune.serve.middleware import Guard, Metrics, MetricsMiddleware
 from r1tune.serve.models import ServedSet
 from r1tune.serve.protocol import (ChatRequest, CompletionRequest, Message, PredictRequest, error_response,
                                    validation_message)
-from r1tune.serve.reasoning import StreamSplitter, split_reasoning_output
+from r1tune.data.reasoning import StreamSplitter, split_output
 from r1tune.serve.ticket import Generated
 
 
@@ -47,7 +47,7 @@ def usage(g: Generated) -> dict:
 
 
 def chat_message(g: Generated, opened: bool) -> dict:
-    reasoning, answer = split_reasoning_output(g.text, opened)
+    reasoning, answer = split_output(g.text, opened)
     message = {"role": "assistant", "content": answer}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
@@ -170,7 +170,7 @@ def create_app(served: ServedSet, api_key: str | None = None, limits: ServeLimit
         entry = handler.entry(req.model) if req.model else handler.default
         ids, opened = handler.chat_prompt(entry, [Message(role="user", content=req.text)])
         *_, g = handler.generate(entry, ids, handler.max_tokens(req.max_tokens), None, [])
-        reasoning, answer = split_reasoning_output(g.text, opened)
+        reasoning, answer = split_output(g.text, opened)
         return {"text": answer, "reasoning": reasoning}
 
     return app

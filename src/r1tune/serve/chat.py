@@ -6,48 +6,42 @@ from __future__ import annotations
 
 import sys
 
-from r1tune.data.templates import THINK_CLOSE
+from r1tune.data.reasoning import StreamSplitter, prompt_opens_reasoning
 
 DIM, RESET = "\033[2m", "\033[0m"
 
 
 class ReasoningPrinter:
-    """Prints streamed text; reasoning (before </think>) dimmed under its own heading."""
+    """Prints streamed text; reasoning dimmed under its own heading, split by data.reasoning's
+    StreamSplitter (the parts serve returns as reasoning_content and content)."""
 
     def __init__(self, out=None, reasoning_open: bool = True):
         out = out or sys.stdout  # looked up now: stdout may have been replaced since import
-        self.out, self.in_reasoning, self.buffer = out, reasoning_open, ""
-        self.answer_started = False
-        self.color = out.isatty()
+        self.out, self.color = out, out.isatty()
+        self.splitter, self.heading = StreamSplitter(reasoning_open), None
         if reasoning_open:
-            self._write("[reasoning]\n", dim=True)
+            self._head("reasoning_content")
 
     def feed(self, text: str) -> None:
-        if not self.in_reasoning:
-            self._write_answer(text)
-            return
-        self.buffer += text
-        if THINK_CLOSE in self.buffer:
-            thought, _, rest = self.buffer.partition(THINK_CLOSE)
-            self._write(thought, dim=True)
-            self._write("\n[answer]\n")
-            self.in_reasoning, self.buffer = False, ""
-            self._write_answer(rest)
-        elif len(self.buffer) > len(THINK_CLOSE):
-            keep = len(THINK_CLOSE)  # hold back a possible partial tag
-            self._write(self.buffer[:-keep], dim=True)
-            self.buffer = self.buffer[-keep:]
-
-    def _write_answer(self, text: str) -> None:
-        if not self.answer_started:  # the blank line after </think> is layout, not answer
-            text = text.lstrip("\n")
-            self.answer_started = bool(text)
-        self._write(text)
+        self._print(self.splitter.feed(text))
 
     def finish(self) -> None:
-        if self.buffer:
-            self._write(self.buffer, dim=self.in_reasoning)
+        self._print(self.splitter.finish())
         self._write("\n")
+
+    def _print(self, pieces: list[tuple[str, str]]) -> None:
+        for part, text in pieces:
+            if part != self.heading:
+                self._head(part)
+            self._write(text, dim=part == "reasoning_content")
+
+    def _head(self, part: str) -> None:
+        """[reasoning] opens the output; [answer] follows reasoning (a plain answer needs no heading)."""
+        if part == "reasoning_content":
+            self._write("[reasoning]\n", dim=True)
+        elif self.heading is not None:
+            self._write("\n[answer]\n")
+        self.heading = part
 
     def _write(self, text: str, dim: bool = False) -> None:
         self.out.write(f"{DIM}{text}{RESET}" if dim and self.color else text)
@@ -65,7 +59,7 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]  # the template writes BOS itself
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     engine = Engine(model, pad, max_batch=1, wait_s=0)
-    printer, pieces = ReasoningPrinter(out, reasoning_open=prompt.rstrip().endswith("<think>")), []
+    printer, pieces = ReasoningPrinter(out, reasoning_open=prompt_opens_reasoning(prompt)), []
     try:
         ticket = engine.submit(Ticket(ids, Params(max_new_tokens, temperature), None, eos_ids_of(model, tokenizer)))
         for piece in ticket.read(tokenizer, []):

@@ -12,7 +12,7 @@ import queue
 import threading
 from dataclasses import dataclass
 
-from r1tune.serve.reasoning import StopScanner
+from r1tune.serve.stops import StopScanner
 from r1tune.serve.sampling import Params
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new one (SentencePiece leading spaces)

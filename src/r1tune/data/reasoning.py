@@ -1,16 +1,32 @@
-"""R1 output parts and stop strings, for whole texts and for text arriving in pieces.
+"""R1 reasoning (`<think>…</think>`) apart from the answer: the one parser that data, evaluation,
+chat and serve use, for stored messages, whole generated texts and text arriving in pieces.
 
-`reasoning_content` is the text before `</think>` (the R1 template opens `<think>\n` in the prompt),
-`content` the answer after it, as DeepSeek's own API splits them.
+Generated text: the reasoning runs from the start (the prompt opened `<think>`) or from a leading
+`<think>` the model wrote, to the first `</think>`; the rest is the answer. That is how DeepSeek's API
+splits `reasoning_content` from `content`, and the only split a stream can make without waiting for
+the end. A block never closed is all reasoning: generation stopped mid-thought and the answer is "".
+Stored messages (training data) may quote the tag inside their reasoning, so there the answer is what
+follows the last `</think>`, as the official R1 chat template strips assistant turns.
 """
 
 from __future__ import annotations
 
 from r1tune.data.templates import THINK_CLOSE, THINK_OPEN
 
-def split_reasoning_output(text: str, opened: bool) -> tuple[str | None, str]:
-    """(reasoning or None, answer) of generated text. `opened`: the prompt ended with `<think>`;
-    otherwise the output may open the block itself. An unclosed block is all reasoning."""
+
+def split_reasoning(content: str) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of a stored assistant message that may hold <think>…</think>."""
+    if THINK_CLOSE not in content:
+        return None, content.strip()
+    before, _, answer = content.rpartition(THINK_CLOSE)
+    reasoning = before.strip()
+    if reasoning.startswith(THINK_OPEN):
+        reasoning = reasoning[len(THINK_OPEN):].strip()
+    return reasoning, answer.strip()
+
+
+def split_output(text: str, opened: bool) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of generated text; `opened`: the prompt ended with `<think>`."""
     if not opened:
         if not text.lstrip().startswith(THINK_OPEN):
             return None, text.strip()
@@ -19,9 +35,14 @@ def split_reasoning_output(text: str, opened: bool) -> tuple[str | None, str]:
     return reasoning.strip(), answer.strip() if closed else ""
 
 
+def prompt_opens_reasoning(prompt: str) -> bool:
+    """The rendered prompt ends inside an open `<think>` block (newer R1 templates)."""
+    return prompt.rstrip().endswith(THINK_OPEN)
+
+
 class StreamSplitter:
-    """Routes streamed text to ("reasoning_content" | "content", text) pieces, holding back
-    a possible partial tag; gives the same parts as `split_reasoning_output` up to whitespace."""
+    """Routes streamed text to ("reasoning_content" | "content", text) pieces, holding back a possible
+    partial tag; the parts equal `split_output`'s up to whitespace at their ends."""
 
     def __init__(self, opened: bool):
         self.mode = "reasoning_content" if opened else "start"
@@ -60,35 +81,3 @@ class StreamSplitter:
             text = text.lstrip()
             self.part_started = bool(text)
         return [(self.mode, text)] if text else []
-
-
-# ---------------------------------------------------------------- stop strings
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Text up to the first stop string (excluded), and whether one was found."""
-    hits = [text.find(s) for s in stops if s and s in text]
-    return (text[:min(hits)], True) if hits else (text, False)
-
-
-class StopScanner:
-    """Streaming `cut_at_stop`: feed pieces, get the text safe to emit and whether a stop was hit."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.buffer = [s for s in stops if s], ""
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        self.buffer += piece
-        text, hit = cut_at_stop(self.buffer, self.stops)
-        if hit:
-            self.buffer = ""
-            return text, True
-        split = max(len(self.buffer) - self.hold, 0)
-        out, self.buffer = self.buffer[:split], self.buffer[split:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
-
