@@ -33,7 +33,7 @@ def seconds_per_step(n: int, dtype: torch.dtype) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"cpu: {cpu_features()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{cpu_features()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"linear {M} tokens x {K} in -> N out, forward + backward; time per output column vs N=128")
     for dtype in (torch.float32, torch.bfloat16):
         times = {n: seconds_per_step(n, dtype) for n in WIDTHS}

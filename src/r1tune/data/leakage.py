@@ -4,7 +4,8 @@ A validation record leaks when the prompt of a training record is the same after
 (exact) or near it (MinHash similarity of 5-character shingles >= NEAR_THRESHOLD, as `data stats`
 counts near duplicates). The prompt is what the model is asked: every turn but the final answer
 (chat, classification, KTO), the prompt turns of a preference pair, or the whole text (pretraining).
-The training side is streamed in chunks, so only the validation prompts are held in memory.
+The training side is streamed in chunks: only the validation prompts' signatures and one location
+string per training record (to name where a repeat came from) are held in memory.
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def _int_matmul(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     """int8 (M, K) x int8 (N, K)^T -> int32 (M, N); in fp32 where _int_mm is missing or inexact.
 
     On a CPU without VNNI (AVX2 only, or oneDNN capped to it) oneDNN's int8 kernel adds pairs of
-    products in saturating int16, and full-range int8 operands overflow it (errors of 30 % of the
-    largest logit on the tiny models): there the fp32 product is used, exact below 2**24."""
+    products in saturating int16, and full-range int8 operands overflow it (bench/int8_kernel.py: 19 %
+    of the largest result): there the fp32 product is used, exact below 2**24."""
     if x_q.device.type != "cpu" or _cpu_int8_exact():
         try:
             return torch._int_mm(x_q, w_q.t())

@@ -57,8 +57,8 @@ def _corpus_lines():
 
 # Layer widths for any hidden_size that is a multiple of 64: every nn.Linear's output is a multiple
 # of 32 and its input a multiple of 64, which bitsandbytes' CPU 4-bit kernel (AVX-512 BF16 CPUs)
-# needs (models/quantize.py); bench/layer_widths.py also shows odd widths (80) costing 15-25 % more
-# per column than 96 or 128 on an AMX CPU.
+# needs (envinfo.CPU_4BIT_*); on an AMX CPU bench/layer_widths.py also shows narrow widths off the
+# 64 grid costing more per column (80: +26 % fp32 / +39 % bf16, 96: +14 % / +23 %, against 128).
 HIDDEN_MULTIPLE = 64
 # DeepSeek-V3's MLA head dims halved (real: rope 64, nope 128, v 128): a query/key head is 96 wide and
 # a value head 64, unequal as in the real model.
