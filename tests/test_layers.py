@@ -134,11 +134,11 @@ def test_data_does_not_import_models():
 
 @pytest.mark.parametrize(("source", "importer", "expected"), [
     ("from r1tune.serve.chat import reply\n", "r1tune.models.configured", "r1tune.serve.chat"),
-    ("def f():\n    import r1tune.train.trainer\n", "r1tune.data.dataset", "r1tune.train.trainer"),
+    ("def f():\n    import r1tune.train.engine\n", "r1tune.data.dataset", "r1tune.train.engine"),
     ("from ..export import merge\n", "r1tune.models.configured", "r1tune.export.merge"),
     ("from r1tune.serve import chat\n", "r1tune.export.run", "r1tune.serve.chat"),
     ("from r1tune.models import tiny\n", "r1tune.data.inspect", "r1tune.models.tiny"),
-    ("from r1tune.train.trainer import Trainer\n", "r1tune.config", "r1tune.train.trainer"),
+    ("from r1tune.train.engine import Engine\n", "r1tune.config", "r1tune.train.engine"),
 ])
 def test_the_check_sees_an_upward_import(tmp_path, source, importer, expected):
     """Imports inside functions, relative ones and `from package import submodule` are all caught."""

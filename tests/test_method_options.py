@@ -145,14 +145,15 @@ def test_adapter_folder_must_exist(tiny_qwen, parity_file, tmp_path):
 def test_loraplus_keeps_its_ratio_through_the_schedule(tiny_qwen, parity_file, tmp_path):
     from r1tune.models.loading import load_model
     from r1tune.models.methods import attach_method
-    from r1tune.train.trainer import Trainer
+    from r1tune.train.engine import Engine
+    from r1tune.train.stage_loss import CausalLMLoss
 
     from r1tune.data.encode import Example
 
     cfg = make_cfg(tiny_qwen, parity_file, tmp_path / "o", loraplus_lr_ratio=8.0, learning_rate=1e-3,
                    warmup_steps=4, bf16=False)
     model = attach_method(load_model(str(tiny_qwen)), cfg)
-    trainer = Trainer(model, cfg, [Example([5, 6, 7], [-100, 6, 7])], [], 0, tmp_path / "o")
+    trainer = Engine(model, cfg, CausalLMLoss(model, 0, None), [Example([5, 6, 7], [-100, 6, 7])], [], tmp_path / "o")
     names = {id(p): n for n, p in model.named_parameters()}
     for step in (0, 3):
         trainer._apply_update(step)

@@ -11,7 +11,8 @@ from r1tune.train import batching
 from r1tune.train.logs import read_log
 from r1tune.train.schedule import lr_factor
 from r1tune.train.stages.sft import run_sft
-from r1tune.train.trainer import Trainer
+from r1tune.train.engine import Engine
+from r1tune.train.stage_loss import CausalLMLoss
 from tests.conftest import make_cfg
 
 
@@ -105,13 +106,14 @@ def test_accumulation_normalises_over_all_tokens(tiny_ds, parity_file, tmp_path)
         tok = load_tokenizer(str(tiny_ds))
         data = prepare_data(cfg, tok)
         model = attach_method(load_model(str(tiny_ds)), cfg)
-        trainer = Trainer(model, cfg, data.train, [], tok.pad_token_id, tmp_path)
+        stage = CausalLMLoss(model, tok.pad_token_id, cfg.chunked_loss)
+        trainer = Engine(model, cfg, stage, data.train, [], tmp_path)
         trainer.optimizer.step = lambda: None  # keep weights; inspect the gradient only
         trainer.optimizer.zero_grad = lambda set_to_none=True: None
         if budget:
             step = trainer.plan.micro_batches(0)[0]
             assert len(batching.split_by_tokens(step, budget)) > 2  # the budget really cuts this batch
-        loss, _, _ = trainer.train_step(0)
+        loss, _, _, _ = trainer.train_step(0)
         grads.append((loss, model.lm_head.weight.grad.clone()))
     for loss, grad in grads[1:]:
         assert grads[0][0] == pytest.approx(loss, rel=1e-5)

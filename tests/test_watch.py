@@ -14,10 +14,10 @@ from tests.conftest import make_cfg
 
 
 def test_gradient_alarm_fires_on_an_injected_spike_and_stops(tiny_qwen, parity_file, tmp_path, monkeypatch):
-    from r1tune.train import trainer as trainer_module
+    from r1tune.train.engine import Engine
 
     spiked = {"step": 14}
-    original = trainer_module.Trainer._apply_update
+    original = Engine._apply_update
 
     def spike_then_update(self, step):
         if step == spiked["step"]:  # 1000x gradients in one layer, as a bad batch would give
@@ -26,7 +26,7 @@ def test_gradient_alarm_fires_on_an_injected_spike_and_stops(tiny_qwen, parity_f
                     p.grad.mul_(1000.0)
         return original(self, step)
 
-    monkeypatch.setattr(trainer_module.Trainer, "_apply_update", spike_then_update)
+    monkeypatch.setattr(Engine, "_apply_update", spike_then_update)
     out = tmp_path / "out"
     result = run_sft(make_cfg(tiny_qwen, parity_file, out, max_steps=30, grad_norm_alarm="stop",
                               grad_norm_alarm_std=6.0, bf16=False, learning_rate=1e-3))

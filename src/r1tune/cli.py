@@ -69,7 +69,7 @@ def _data_setup(args):
     from r1tune.data.templates import apply_template_choice
     from r1tune.models.loading import ensure_tiny_model, load_tokenizer, resolve_model_path
     from r1tune.stages import stage_data
-    from r1tune.train.stages.sft import add_configured_tokens
+    from r1tune.train.stages.lifecycle import add_configured_tokens
 
     cfg = load_config(args.config, args.overrides)
     plot_default = args.action == "stats" and not args.plot  # the histogram then goes to output_dir

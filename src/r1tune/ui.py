@@ -15,6 +15,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from r1tune.process import is_main
+
 UNWRAPPED_WIDTH = 10_000  # the width of a file or pipe: more than any line we print
 RULE_WIDTH = 80  # a rule fills the width, so it gets a fixed one in a file
 
@@ -37,6 +39,8 @@ class Console(_RichConsole):
         self._width, self._height = new_size
 
     def print(self, *objects, soft_wrap: bool | None = None, **options) -> None:
+        if not is_main():  # one process of a multi-process run speaks for all
+            return
         if soft_wrap is None and not self.is_terminal:  # text to a file is never wrapped, even with COLUMNS
             soft_wrap = True if self.soft_wrap else all(isinstance(o, (str, Text)) for o in objects)
         super().print(*objects, soft_wrap=soft_wrap, **options)
@@ -66,7 +70,16 @@ def progress(items, desc: str, unit: str = "batch", total: int | None = None):
     total = len(items) if total is None else total
     with tqdm.external_write_mode():
         console.print(f"{desc}: {total} {unit if total == 1 else _plural(unit)}")
-    return tqdm(items, desc=desc, total=total, unit=unit, leave=False, disable=None, dynamic_ncols=True)
+    return tqdm(items, desc=desc, total=total, unit=unit, leave=False, disable=None if is_main() else True,
+                dynamic_ncols=True)
+
+
+def say(line: str) -> None:
+    """A line printed while a progress bar may be showing (it stays intact below the line)."""
+    if is_main():
+        from tqdm import tqdm
+
+        tqdm.write(line)
 
 
 def _plural(unit: str) -> str:

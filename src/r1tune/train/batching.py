@@ -63,13 +63,13 @@ class BatchPlan:
 
     def __init__(self, examples: list[Example], batch_size: int, accumulation: int, seed: int,
                  group_by_length: bool | None = False, balance: bool = False, epoch_examples=None,
-                 micro_tokens: int = 0):
+                 micro_tokens: int = 0, lengths: list[int] | None = None):
         self.examples, self.batch_size, self.accumulation = examples, batch_size, accumulation
         self.seed = seed
         self.labels = (examples.labels() if hasattr(examples, "labels") else [e.label for e in examples]) \
             if balance else None
         self.epoch_examples = epoch_examples  # epoch -> examples (augmented), same count and order
-        self.lengths = example_lengths(examples)
+        self.lengths = example_lengths(examples) if lengths is None else lengths
         if group_by_length is None:  # auto: group only when shuffled micro-batches would be mostly padding
             shuffled = epoch_order(self.lengths, batch_size, seed, 0, False, self.labels)
             group_by_length = padding_share(self.lengths, shuffled, micro_tokens) >= AUTO_GROUP_PADDING

@@ -11,16 +11,18 @@ from r1tune.fileio import atomic_path, write_text_atomic
 class MetricsLog:
     """Appends one JSON object per record to trainer_log.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, output_dir: Path, tensorboard: bool, start_step: int = 0):
+    def __init__(self, output_dir: Path, tensorboard: bool, start_step: int = 0, enabled: bool = True):
         self.path = output_dir / "trainer_log.jsonl"
-        self.writer = None
-        if tensorboard:
+        self.writer, self.enabled = None, enabled  # disabled: another process writes the log
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step hides events an interrupted run wrote after the resumed step
             self.writer = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=start_step or None)
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
         if self.writer is not None:

@@ -253,6 +253,14 @@ class PlateauScheduler(_Patience):
         self._scale = state["scale"]
 
 
+def metric_value(name: str, metrics: dict) -> float:
+    """metrics[name], or the one-sentence error naming what the evaluation did measure."""
+    if name not in metrics:
+        raise UserError(f"early stopping watches metric '{name}', but the evaluation reported only "
+                        f"{', '.join(sorted(metrics)) or 'nothing'}{did_you_mean(name, metrics)}")
+    return float(metrics[name])
+
+
 class EarlyStopper(_Patience):
     """Stop after `patience` evaluations without improvement of the named metric (patience <= 0: never).
 
@@ -266,8 +274,5 @@ class EarlyStopper(_Patience):
 
     def update(self, metrics: dict) -> bool:
         """Record one evaluation's metrics; True = stop training."""
-        if self.metric not in metrics:
-            raise UserError(f"early stopping watches metric '{self.metric}', but the evaluation reported only "
-                            f"{', '.join(sorted(metrics)) or 'nothing'}{did_you_mean(self.metric, metrics)}")
-        self._improved(float(metrics[self.metric]))
+        self._improved(metric_value(self.metric, metrics))
         return 0 < self.patience <= self.bad

@@ -1,110 +1,144 @@
-"""What the trainer watches while it trains: gradient-norm alarms, update sizes, generation metrics,
-a learning-rate plateau and early stopping on any metric. The trainer calls it at fixed points:
+"""What a run watches while it trains, as engine callbacks (r1tune.train.callbacks): gradient-norm
+alarms, update sizes, generation metrics, a learning-rate plateau and early stopping on any metric.
 
-    after backward:      alarms = watch.after_backward(step)      (before clipping)
-    around the update:   watch.before_update(step) / watch.after_update(step)
-    every step:          watch.maybe_generate(step, log)
-    after an evaluation: stop = watch.after_eval(step, {"loss": ..., "perplexity": ...}, log)
-    at the end:          watch.finish(output_dir)
-
-Its state (best metric, evaluations without improvement, learning-rate scale) goes into the
-checkpoint, so a resumed run stops and decays the learning rate exactly as an uninterrupted one.
+Early stopping and the plateau keep their state (best metric, evaluations without improvement,
+learning-rate scale) in checkpoints, so a resumed run stops and decays the learning rate exactly as
+an uninterrupted one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
-from tqdm import tqdm
-
-from r1tune.train.logs import MetricsLog
-from r1tune.train.monitor import EarlyStopper, GradNormMonitor, PlateauScheduler, UpdateTracker
+from r1tune.train.callbacks import Callback
+from r1tune.train.monitor import EarlyStopper, GradNormMonitor, PlateauScheduler, UpdateTracker, metric_value
+from r1tune.ui import say
 
 HEATMAP = "update_heatmap.png"
 HEATMAP_COLUMNS = 100  # sampled steps in the heatmap
 
 
-class TrainingWatch:
-    def __init__(self, model, cfg, total_steps: int, generation: Callable[[], dict] | None = None):
-        self.cfg, self.generation = cfg, generation
-        self.grads = GradNormMonitor(model, k=cfg.grad_norm_alarm_std, ratio=cfg.grad_norm_alarm_ratio) \
-            if cfg.grad_norm_alarm != "off" else None
-        self.updates = UpdateTracker(model, every=max(1, total_steps // HEATMAP_COLUMNS)) \
-            if wants_heatmap(model, cfg.update_heatmap) else None
-        mode = None if cfg.greater_is_better is None else ("max" if cfg.greater_is_better else "min")
-        self.stopper = EarlyStopper(cfg.metric_for_best_model, cfg.early_stopping_patience or 0, mode)
-        self.plateau = PlateauScheduler(cfg.lr_plateau_factor, cfg.lr_plateau_patience, self.stopper.mode) \
-            if cfg.lr_plateau_patience else None
-        self.latest_generation: dict = {}
-        self.alarmed = False
+class GradAlarm(Callback):
+    """Per-layer gradient norms every step (logged with the train records); a rising outlier is
+    printed and logged, and with mode 'stop' the run saves a checkpoint and stops."""
+
+    def __init__(self, model, mode: str, k: float, ratio: float):
+        self.monitor, self.mode = GradNormMonitor(model, k=k, ratio=ratio), mode
+
+    def on_gradients(self, engine, step: int) -> None:
+        rising = [a for a in self.monitor.observe(step) if a.norm > a.mean]  # a falling norm is no danger
+        for alarm in rising:
+            say(f"gradient alarm: {alarm}")
+            engine.log.write({"split": "alarm", "step": step, "group": alarm.group, "norm": alarm.norm,
+                              "mean": alarm.mean, "std": alarm.std})
+        if rising and self.mode == "stop":
+            engine.request_stop("grad_norm_alarm is 'stop': saving a checkpoint and stopping", checkpoint=True)
+
+    def on_log(self, engine, record: dict) -> None:
+        record.update({f"grad_norm/{k}": round(v, 6) for k, v in self.monitor.norms().items()})
+
+
+class UpdateHeatmap(Callback):
+    """Relative update size per module group at sampled steps; update_heatmap.png at the end.
+    `setting` None decides at setup, once the method has chosen what trains (see wants_heatmap)."""
+
+    def __init__(self, setting: bool | None):
+        self.setting, self.tracker = setting, None
+
+    def setup(self, engine) -> None:
+        if wants_heatmap(engine.model, self.setting):
+            self.tracker = UpdateTracker(engine.model, every=max(1, engine.total // HEATMAP_COLUMNS))
+
+    def before_update(self, engine, step: int) -> None:
+        if self.tracker:
+            self.tracker.before_step(step)
+
+    def after_update(self, engine, step: int) -> None:
+        if self.tracker:
+            self.tracker.after_step(step)
+
+    def on_train_end(self, engine) -> None:
+        if self.tracker and engine.writes and (png := self.tracker.heatmap(engine.output_dir / HEATMAP)):
+            say(f"update heatmap: {png}")
+            engine.log.add_png("update_heatmap", png, engine.state.global_step)
+
+
+class GenerationMetrics(Callback):
+    """Every `every` steps, generation metrics on a small eval subset (logged); the latest ones join
+    each evaluation's metrics, so early stopping and the plateau can watch them."""
+
+    def __init__(self, measure: Callable[[], dict], every: int):
+        self.measure, self.every, self.latest = measure, every, {}
+
+    def on_step_end(self, engine, step: int) -> None:
+        if step % self.every:
+            return
+        self.latest = self.measure()
+        engine.log.write({"split": "generate", "step": step, **{k: round(v, 6) for k, v in self.latest.items()}})
+        say(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.latest.items()))
+
+    def on_evaluate(self, engine, step: int, metrics: dict) -> None:
+        metrics.update(self.latest)
+
+
+class PlateauLR(Callback):
+    """Multiply the learning rate by `factor` after `patience` evaluations without improvement."""
+    key = "plateau"
+
+    def __init__(self, metric: str, mode: str, factor: float, patience: int):
+        self.metric, self.plateau = metric, PlateauScheduler(factor, patience, mode)
 
     @property
     def lr_scale(self) -> float:
-        return self.plateau.scale if self.plateau else 1.0
+        return self.plateau.scale
 
-    def after_backward(self, step: int, log: MetricsLog) -> bool:
-        """Judge the per-layer gradient norms; True when an alarm asks the run to stop."""
-        if self.grads is None:
-            return False
-        rising = [a for a in self.grads.observe(step) if a.norm > a.mean]  # a falling norm is no danger
-        for alarm in rising:
-            tqdm.write(f"gradient alarm: {alarm}")
-            log.write({"split": "alarm", "step": step, "group": alarm.group, "norm": alarm.norm,
-                       "mean": alarm.mean, "std": alarm.std})
-        self.alarmed = bool(rising) and self.cfg.grad_norm_alarm == "stop"
-        return self.alarmed
-
-    def grad_norms(self) -> dict[str, float]:
-        return {f"grad_norm/{k}": round(v, 6) for k, v in (self.grads.norms() if self.grads else {}).items()}
-
-    def before_update(self, step: int) -> None:
-        if self.updates:
-            self.updates.before_step(step)
-
-    def after_update(self, step: int) -> None:
-        if self.updates:
-            self.updates.after_step(step)
-
-    def maybe_generate(self, step: int, log: MetricsLog) -> None:
-        """Generation metrics on the small eval subset every generate_metrics_steps."""
-        every = self.cfg.generate_metrics_steps
-        if self.generation is None or not every or step % every:
-            return
-        self.latest_generation = self.generation()
-        log.write({"split": "generate", "step": step, **{k: round(v, 6) for k, v in self.latest_generation.items()}})
-        tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.latest_generation.items()))
-
-    def after_eval(self, step: int, metrics: dict, log: MetricsLog) -> bool:
-        """Plateau and early stopping on metric_for_best_model; True = stop."""
-        metrics = {**metrics, **self.latest_generation}
-        value = self._metric(metrics)
-        if self.plateau and self.plateau.update(value):
-            tqdm.write(f"step {step}: {self.stopper.metric} has not improved for {self.plateau.patience} "
-                       f"evaluations; learning rate x{self.plateau.scale:g}")
-            log.write({"split": "plateau", "step": step, "lr_scale": self.plateau.scale})
-        if self.stopper.update(metrics):
-            tqdm.write(f"early stopping: {self.stopper.metric} has not improved for "
-                       f"{self.stopper.patience} evaluations")
-            return True
-        return False
-
-    def _metric(self, metrics: dict) -> float:
-        if self.stopper.metric not in metrics:
-            self.stopper.update(metrics)  # raises the one-sentence error naming the metrics measured
-        return float(metrics[self.stopper.metric])
-
-    def finish(self, output_dir: Path) -> Path | None:
-        return self.updates.heatmap(output_dir / HEATMAP) if self.updates else None
+    def on_evaluate(self, engine, step: int, metrics: dict) -> None:
+        if self.plateau.update(metric_value(self.metric, metrics)):
+            say(f"step {step}: {self.metric} has not improved for {self.plateau.patience} evaluations; "
+                f"learning rate x{self.plateau.scale:g}")
+            engine.log.write({"split": "plateau", "step": step, "lr_scale": self.plateau.scale})
 
     def state_dict(self) -> dict:
-        return {"stopper": self.stopper.state_dict(), "plateau": self.plateau.state_dict() if self.plateau else None}
+        return self.plateau.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("stopper"):
-            self.stopper.load_state_dict(state["stopper"])
-        if self.plateau and state.get("plateau"):
-            self.plateau.load_state_dict(state["plateau"])
+        self.plateau.load_state_dict(state)
+
+
+class EarlyStopping(Callback):
+    """Stop after `patience` evaluations without improvement of the metric (patience 0: never)."""
+    key = "stopper"
+
+    def __init__(self, metric: str, patience: int, mode: str | None):
+        self.stopper = EarlyStopper(metric, patience, mode)
+
+    def on_evaluate(self, engine, step: int, metrics: dict) -> None:
+        if self.stopper.update(metrics):
+            engine.request_stop(f"early stopping: {self.stopper.metric} has not improved for "
+                                f"{self.stopper.patience} evaluations")
+
+    def state_dict(self) -> dict:
+        return self.stopper.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopper.load_state_dict(state)
+
+
+def watch_callbacks(model, cfg, generation: Callable[[], dict] | None = None) -> list[Callback]:
+    """The watching callbacks the config asks for, in the order they must run."""
+    items: list[Callback] = []
+    if cfg.grad_norm_alarm != "off":
+        items.append(GradAlarm(model, cfg.grad_norm_alarm, cfg.grad_norm_alarm_std, cfg.grad_norm_alarm_ratio))
+    if cfg.update_heatmap is not False:
+        items.append(UpdateHeatmap(cfg.update_heatmap))
+    if generation is not None and cfg.generate_metrics_steps:
+        items.append(GenerationMetrics(generation, cfg.generate_metrics_steps))
+    mode = None if cfg.greater_is_better is None else ("max" if cfg.greater_is_better else "min")
+    stopping = EarlyStopping(cfg.metric_for_best_model, cfg.early_stopping_patience or 0, mode)
+    if cfg.lr_plateau_patience:  # before early stopping: an evaluation lowers the rate, then may stop
+        items.append(PlateauLR(cfg.metric_for_best_model, stopping.stopper.mode, cfg.lr_plateau_factor,
+                               cfg.lr_plateau_patience))
+    return items + [stopping]
 
 
 def wants_heatmap(model, setting: bool | None) -> bool:

@@ -1,0 +1,257 @@
+"""The training loop every stage shares: micro-batches, precision, clipping, schedule, evaluation,
+checkpoints, logging and progress. A stage brings its loss (r1tune.train.stage_loss) and a list of
+callbacks (r1tune.train.callbacks); the loop knows nothing of what it trains.
+
+One optimizer step consumes `gradient_accumulation_steps` batches, each cut into micro-batches of
+at most `micro_batch_tokens` padded tokens; each micro-batch's summed loss is divided by the units
+(target tokens, pairs) of the whole step, so the step's gradient is that of the mean over all of
+them however they fall into micro-batches.
+
+Only the main process writes files and prints (r1tune.process); every rank runs the same loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from r1tune.models.quantize import is_quantized
+from r1tune.process import is_main
+from r1tune.train import batching, checkpoint, optimizers, schedule
+from r1tune.train.callbacks import Callback, Callbacks
+from r1tune.train.checkpoint import TrainerState
+from r1tune.train.logs import MetricsLog
+from r1tune.train.memory import checkpointing_decision, release_free_memory
+from r1tune.train.precision import autocast_context, pick_device, use_bf16
+from r1tune.train.stage_loss import StageLoss
+from r1tune.ui import say
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    last_loss: float | None
+    eval_loss: float | None
+    stopped_early: bool
+    train_runtime: float = 0.0  # seconds in the training loop (evaluation excluded)
+    train_tokens: int = 0  # non-padding tokens trained on
+    model: object = field(default=None, repr=False)  # the trained model, for callers that go on using it
+    eval_metrics: dict = field(default_factory=dict)  # the last evaluation's metrics
+
+
+@dataclass
+class Stop:
+    reason: str
+    checkpoint: bool  # save a checkpoint at the step that stopped
+
+
+def total_steps(cfg, n_examples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = batching.steps_per_epoch(n_examples, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
+
+
+class Engine:
+    def __init__(self, model, cfg, stage: StageLoss, train: list, val: list, output_dir: Path,
+                 callbacks: list[Callback] = (), epoch_examples=None, no_decay: frozenset[str] = frozenset()):
+        self.model, self.cfg, self.stage, self.train_set, self.val_set = model, cfg, stage, train, val
+        self.output_dir, self.no_decay = output_dir, no_decay
+        self.writes = is_main()
+        self.device = pick_device()
+        if not is_quantized(model):  # bitsandbytes places quantized weights itself
+            self.model.to(self.device)
+        self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type)
+        self.plan = batching.BatchPlan(train, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+                                       cfg.seed, cfg.group_by_length, cfg.balance_classes, epoch_examples,
+                                       self.micro_tokens, stage.lengths(train))
+        self.total = total_steps(cfg, len(train))
+        self.callbacks = Callbacks(callbacks)
+        self.callbacks.setup(self)  # may change what trains, so before the optimizer sees the parameters
+        self.optimizer = optimizers.build_optimizer(
+            model.named_parameters(), cfg.optim, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio,
+            cfg.loraplus_lr_embedding, no_decay)
+        self.warmup = schedule.warmup_steps(self.total, cfg.warmup_steps, cfg.warmup_ratio)
+        self.state = TrainerState()
+        self.log: MetricsLog | None = None
+        self.stop: Stop | None = None
+        self.bf16 = use_bf16(cfg.bf16, cfg.fp16, self.device)
+        self.autocast = lambda: autocast_context(self.device, self.bf16, cfg.fp16)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+        self.checkpointing, self.checkpointing_reason = self._checkpointing()
+
+    def _checkpointing(self) -> tuple[bool, str]:
+        longest = max(self.plan.lengths, default=0)
+        rows = self.cfg.per_device_train_batch_size
+        if self.micro_tokens:  # the largest micro-batch after cutting
+            rows = max(1, min(rows, self.micro_tokens // batching.padded_width(max(longest, 1))))
+        decision = checkpointing_decision(self.cfg.gradient_checkpointing, self.model.config, rows, longest,
+                                          self.cfg.memory_budget_gb)
+        if decision[0]:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return decision
+
+    # --- public -----------------------------------------------------------------
+    def load_state(self, path: Path) -> None:
+        """Weights, optimizer, RNG, step and callback state from a checkpoint (writes nothing)."""
+        self.callbacks.on_resume(self, checkpoint.read_step(path))
+        self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer)
+        self.callbacks.load_state_dict(self.state.watch)
+
+    def request_stop(self, reason: str, checkpoint: bool = False) -> None:
+        """End the run after this step (a callback's call); `checkpoint` saves the step first."""
+        say(reason)
+        self.stop = Stop(reason, checkpoint or bool(self.stop and self.stop.checkpoint))
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def fit(self) -> TrainResult:
+        self.log = MetricsLog(self.output_dir, tensorboard=self.cfg.report_to != "none",
+                              start_step=self.state.global_step, enabled=self.writes)
+        self.callbacks.on_train_begin(self)
+        window = _Window()
+        last_loss, metrics, busy, trained_tokens = None, {}, 0.0, 0
+        bar = tqdm(total=self.total, initial=self.state.global_step, desc="training", unit="step",
+                   dynamic_ncols=True, disable=None if self.writes else True)
+        try:
+            while self.state.global_step < self.total and self.stop is None:
+                started = time.perf_counter()
+                self.callbacks.on_step_begin(self, self.state.global_step)
+                loss, tokens, grad_norm, stats = self.train_step(self.state.global_step)
+                busy += time.perf_counter() - started
+                trained_tokens += tokens
+                self.state.global_step += 1
+                window.add(loss, tokens, stats)
+                bar.update(1)
+                step = self.state.global_step
+                if step % self.cfg.logging_steps == 0 or step == self.total:
+                    last_loss = self._log_train(window, grad_norm, bar)
+                self.callbacks.on_step_end(self, step)
+                if self.val_set and self.cfg.eval_steps and step % self.cfg.eval_steps == 0 and step < self.total:
+                    metrics = self._log_eval()
+                    self.callbacks.on_evaluate(self, step, metrics)
+                due = step % self.cfg.save_steps == 0 and step < self.total and self.stop is None
+                if due or (self.stop and self.stop.checkpoint):
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        if self.val_set and self.stop is None:
+            metrics = self._log_eval()
+        self.callbacks.on_train_end(self)
+        self.log.close()
+        return TrainResult(self.state.global_step, last_loss, metrics.get("loss"), self.stop is not None, busy,
+                           trained_tokens, eval_metrics=metrics)
+
+    def save_checkpoint(self) -> None:
+        self.state.watch = self.callbacks.state_dict()
+        if self.writes:
+            checkpoint.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state,
+                                       self.cfg.save_total_limit)
+
+    def train_step(self, step: int) -> tuple[float, int, float, dict]:
+        """One optimizer step; returns (mean loss, non-pad tokens, grad norm, the stage's statistics)."""
+        micro = [part for batch in self.plan.micro_batches(step) for part in self.stage.split(batch, self.micro_tokens)]
+        batches = [self.stage.collate(b) for b in micro]
+        n_units = max(1, sum(self.stage.units(b) for b in batches))
+        self.model.train()
+        total_loss, tokens, stats = 0.0, 0, {}
+        for batch in batches:
+            batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+            with self.autocast():
+                loss_sum, batch_stats = self.stage.loss(self.model, batch)
+                loss = loss_sum / n_units
+            self.backward(loss)
+            total_loss += loss.item()
+            tokens += int(batch["num_tokens"])
+            _add_stats(stats, batch_stats)
+        self.callbacks.on_backward_end(self, step)
+        grad_norm = self._apply_update(step)
+        batches = batch = None  # let the step's tensors go before trimming
+        if self.device.type == "cpu":
+            release_free_memory()
+        return total_loss, tokens, grad_norm, stats
+
+    def evaluate(self) -> dict:
+        """The stage's held-out metrics on the validation set ('loss' among them)."""
+        return self.stage.evaluate(self.model, self.val_set, self.cfg.per_device_eval_batch_size, self.micro_tokens,
+                                   self.autocast)
+
+    # --- steps ------------------------------------------------------------------
+    def _apply_update(self, step: int) -> float:
+        lr = self.cfg.learning_rate * schedule.lr_factor(step, self.total, self.warmup, self.cfg.lr_scheduler_type)
+        optimizers.set_learning_rate(self.optimizer, lr * self.callbacks.lr_scale)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.log is not None:  # per-layer norms after unscaling, before clipping
+            self.callbacks.on_gradients(self, step)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.callbacks.before_update(self, step)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.callbacks.after_update(self, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _log_train(self, window: "_Window", grad_norm: float, bar) -> float:
+        loss, tps = window.mean_loss(), window.tokens_per_s()
+        record = {"split": "train", "step": self.state.global_step, "loss": round(loss, 6),
+                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": round(grad_norm, 6),
+                  "tokens_per_s": round(tps, 1), "epoch": round(self._epoch(), 4), **window.means()}
+        self.callbacks.on_log(self, record)
+        self.log.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+        window.reset()
+        return loss
+
+    def _log_eval(self) -> dict:
+        metrics = self.evaluate()
+        self.log.write({"split": "eval", "step": self.state.global_step,
+                        **{k: round(v, 6 if k == "loss" else 4) for k, v in metrics.items()}})
+        say(f"step {self.state.global_step}: {self.stage.describe(metrics)}")
+        return metrics
+
+    def _epoch(self) -> float:
+        return self.state.global_step / self.plan.per_epoch
+
+
+def _add_stats(total: dict, new: dict) -> None:
+    for name, (value, count) in new.items():
+        old = total.get(name, (0.0, 0))
+        total[name] = (old[0] + float(value), old[1] + count)
+
+
+class _Window:
+    """What the train log averages between two log records."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.tokens, self.stats = 0.0, 0, 0, {}
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, tokens: int, stats: dict) -> None:
+        self.loss += loss
+        self.steps += 1
+        self.tokens += tokens
+        _add_stats(self.stats, stats)
+
+    def mean_loss(self) -> float:
+        return self.loss / max(self.steps, 1)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def means(self) -> dict:
+        return {name: round(value / count, 6) for name, (value, count) in self.stats.items() if count}
