@@ -111,7 +111,7 @@ def test_threshold_config_values_are_strings():
 
 
 def test_sampling_settings_reach_generation(trained):
-    from r1tune.evaluation.generate import generate_texts
+    from r1tune.models.generate import generate_texts
     from r1tune.models.run_loading import load_run
 
     model, tokenizer = load_run(str(trained[2]))

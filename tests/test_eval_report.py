@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from r1tune.evaluation.metrics import BLEU_SHORT, ONE_LABEL, ROUGE_EMPTY, NotApplicable, bleu4, not_applicable, rouge_l
+from r1tune.data.metrics import BLEU_SHORT, ONE_LABEL, ROUGE_EMPTY, NotApplicable, bleu4, not_applicable, rouge_l
 from r1tune.evaluation.report import derived, judge, markdown, metric_rows, parse_thresholds, write_report
 from r1tune.evaluation.run import print_summary, text_scores
 

@@ -34,14 +34,9 @@ TOP = 4
 # (importer, imported) packages of one layer that may depend on each other.
 ALLOWED_SAME_LAYER = {("models", "data"), ("__main__", "cli")}
 
-# TEMPORARY, while other work on these files lands; each entry is (importing module, imported module).
-# Remove an entry once its edge is gone: the test fails on an entry that no longer matches an import.
-# - train.stages.sft scores generations during training with evaluation.generate (and through it
-#   evaluation.metrics); the fix moves that scoring below train, which waits on the edits in progress
-#   to train/stages/sft.py and evaluation/metrics.py.
-PENDING_UPWARD = {
-    ("r1tune.train.stages.sft", "r1tune.evaluation.generate"),
-}
+# Edges waiting on work in progress: (importing module, imported module). Remove an entry once its
+# edge is gone: the test fails on an entry that no longer matches an import.
+PENDING_UPWARD: set[tuple[str, str]] = set()
 
 
 def modules() -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""Text-generation metrics (r1tune.evaluation.metrics) against sacrebleu, rouge-score and hand-computed values."""
+"""Text-generation metrics (r1tune.data.metrics) against sacrebleu, rouge-score and hand-computed values."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sacrebleu
 from rouge_score import rouge_scorer
 from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
 
-from r1tune.evaluation.metrics import (
+from r1tune.data.metrics import (
     accuracy,
     bleu4,
     exact_match,
@@ -205,7 +205,7 @@ def test_accuracy_and_exact_match():
 ])
 def test_answer_is_what_chat_and_serve_show(text, prompt, expected):
     from r1tune.data.reasoning import split_output
-    from r1tune.evaluation.generate import answer_of
+    from r1tune.models.generate import answer_of
 
     assert answer_of(text, prompt) == expected
     assert answer_of(text, prompt) == split_output(text, prompt.endswith("<think>\n"))[1]

@@ -24,5 +24,6 @@ def test_config_accepts_exactly_the_declared_stages():
 
 def test_wrong_kind_names_the_stage_that_takes_it_or_says_none_does():
     assert wrong_kind_message("text", "sft").endswith("set 'stage: pt'")
-    assert "no r1tune stage trains on it yet" in wrong_kind_message("kto", "sft")
+    assert wrong_kind_message("kto", "sft").endswith("set 'stage: kto'")
+    assert wrong_kind_message("preference", "sft").endswith("set 'stage: dpo'")
     assert stage_data("pt").reads_text and not stage_data("sft").reads_text

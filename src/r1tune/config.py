@@ -1,4 +1,4 @@
-"""The run configuration: one flat YAML file, validated strictly.
+"""The run configuration: one flat YAML file, validated strictly, its keys grouped in sections.
 
 Key names follow LLaMA-Factory / Hugging Face TrainingArguments where the two tools
 share an option, so a LLaMA-Factory YAML works unchanged for those options.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, NamedTuple, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
@@ -38,13 +38,16 @@ NO_EFFECT_KEYS.update(dict.fromkeys(
     "export_quantization_bit uses bitsandbytes, which needs no calibration data"))
 
 
-class RunConfig(BaseModel):
-    """Every key of a run file. Descriptions become docs/config.md."""
+class _Section(BaseModel):
+    """A group of run-file keys. The file stays flat (LLaMA-Factory style); sections only group the keys
+    for docs/config.md and let a stage read its own keys (RunConfig.section)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    _source: str = PrivateAttr("config")  # the YAML file, named in error messages
 
-    # --- model -----------------------------------------------------------------
+
+class ModelArgs(_Section):
+    """The base model: where it comes from, how it is loaded, its chat template and added tokens."""
+
     model_name_or_path: str = Field(description="Local model folder or Hugging Face hub id of the base model.")
     tiny_arch: Optional[Literal["deepseek_v3", "qwen2", "llama"]] = Field(
         None, description="If model_name_or_path does not exist, first build a tiny random model of this architecture there (offline demos and tests).")
@@ -56,7 +59,11 @@ class RunConfig(BaseModel):
         "mask", description="Final answers without <think> reasoning, when the template opens '<think>\\n' in the prompt: 'mask' adds an empty think block that is not trained, 'train' adds it and trains on it, 'omit' drops the think block.")
     add_tokens: Optional[str] = Field(None, description="Comma-separated domain tokens to add to the vocabulary (embeddings are resized and the new rows trained, with LoRA too).")
     add_tokens_file: Optional[str] = Field(None, description="A UTF-8 file of domain tokens to add, one per line ('#' lines are comments). Pure numbers are skipped; tokens with Latin/digit edges only match whole words, so numbers never split differently.")
-    # --- method ----------------------------------------------------------------
+
+
+class MethodArgs(_Section):
+    """The training stage and the fine-tuning method: what trains (LoRA and its variants, full, freeze, virtual tokens, bottleneck adapters, MoE experts)."""
+
     stage: Literal[tuple(STAGES)] = Field("sft", description="; ".join(f"'{s.name}': {s.description}" for s in STAGES.values()) + ".")
     do_train: bool = Field(True, description="Train; false only reads, checks and reports the data (LLaMA-Factory compatibility).")
     finetuning_type: Literal["lora", "full", "freeze", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning", "bottleneck"] = Field(
@@ -105,13 +112,52 @@ class RunConfig(BaseModel):
     expert_domain_map: Optional[str] = Field(None, description="MoE: a JSON file mapping domain -> expert ids (a list for every layer, or {layer: ids}).")
     expert_top_k: Optional[int] = Field(None, ge=1, description="MoE: train the k experts per layer that the training data routes most tokens to (measured by a routing pass before training).")
     train_router: bool = Field(False, description="MoE expert-selective tuning: also train the router (mlp.gate); frozen by default so the routing that chose the experts stays.")
-    # --- regularisation ----------------------------------------------------------
+
+
+    @property
+    def adapt_experts(self) -> bool:
+        """lora_experts, or when empty: yes unless the method has no fused-expert form in PEFT."""
+        if self.lora_experts is not None:
+            return self.lora_experts
+        return not (self.use_dora or self.pissa_init or self.finetuning_type == "adalora")
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+class DpoArgs(_Section):
+    """Preference stages: the preference loss and its reference model (pref_beta, pref_ftx and precompute_ref_log_probs serve kto too)."""
+
+    pref_beta: float = Field(0.1, gt=0, description="DPO/KTO/ORPO/SimPO: beta, the strength of the preference term (how far the policy may move from the reference).")
+    pref_ftx: float = Field(0.0, ge=0, description="DPO/KTO: weight of an SFT loss on the chosen (KTO: desirable) answers added to the preference loss.")
+    pref_loss: Literal["sigmoid", "hinge", "ipo", "orpo", "simpo"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO, length-averaged log-probabilities), orpo (odds ratio, no reference model), simpo (SimPO, length-averaged, no reference model).")
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin gamma.")
+    dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="cDPO: assumed share of flipped preference labels (pref_loss sigmoid only).")
+    precompute_ref_log_probs: Optional[bool] = Field(None, description="DPO/KTO with full fine-tuning: compute the reference log-probabilities once before training instead of keeping a frozen copy of the model; empty: chosen by r1tune (see docs/stages.md). With LoRA the reference is the base with the adapter switched off, which needs neither.")
+
+
+class KtoArgs(_Section):
+    """KTO stage: how much desirable and undesirable examples weigh (beta and the rest are in the dpo section)."""
+
+    kto_chosen_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable (kto_tag true) examples' loss.")
+    kto_rejected_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable examples' loss.")
+
+
+class RegularisationArgs(_Section):
+    """Dropout, label smoothing and embedding noise while training."""
+
     embedding_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the token embeddings (training only).")
     attention_dropout: Optional[float] = Field(None, ge=0.0, lt=1.0, description="Dropout on the attention probabilities; empty keeps the model config's value.")
     ffn_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the output of every MLP / MoE block (training only).")
     label_smoothing_factor: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the token cross-entropy (both loss paths).")
     neftune_noise_alpha: Optional[float] = Field(None, gt=0, description="NEFTune: add uniform noise of scale alpha/sqrt(tokens x hidden) to the embeddings while training (paper: 5).")
-    # --- data ------------------------------------------------------------------
+
+
+class DataArgs(_Section):
+    """Which records are read, and how they are cut, packed, cached and split into training and validation."""
+
     dataset: Optional[str] = Field(None, description="A JSON/JSONL file path, or comma-separated names from dataset_dir/dataset_info.json. Required by r1tune train, eval and data; an export-only config (LLaMA-Factory's merge YAML) leaves it out.")
     dataset_dir: str = Field("data", description="Folder holding dataset_info.json and the files it names.")
     cutoff_len: int = Field(2048, ge=8, description="Maximum tokens per sample; longer samples are truncated (a sample left with no trained token is dropped).")
@@ -135,7 +181,16 @@ class RunConfig(BaseModel):
     val_size: float = Field(0.0, ge=0.0, description="Held-out validation share: a fraction (< 1) or a record count (>= 1).")
     val_leakage: Literal["warn", "error", "ignore"] = Field(
         "warn", description="Validation prompts that training also has, exactly or nearly (MinHash similarity >= 0.8 of the normalised prompt text): 'warn' prints a warning with the count and examples, 'error' refuses to train (exit 2), 'ignore' says nothing. Checked by r1tune train and data check.")
-    # --- augmentation (re-drawn every epoch, seeded; user turns only unless augment_targets) ---
+
+
+    @property
+    def use_packing(self) -> bool:
+        return self.packing or self.neat_packing
+
+
+class AugmentArgs(_Section):
+    """Data augmentation, re-drawn every epoch (seeded); user turns only unless augment_targets."""
+
     augment_synonym_prob: float = Field(0.0, ge=0.0, le=1.0, description="Per word (Chinese: per table phrase) of user text: chance to replace it by a synonym from the bundled EN/ZH tables (or augment_synonyms_file).")
     augment_insert_prob: float = Field(0.0, ge=0.0, le=1.0, description="Per word: chance to insert a synonym of a word of the text next to it (random insertion).")
     augment_shuffle_window: int = Field(0, ge=0, description="Local shuffle: words (Chinese: clauses) move at most this many positions; 0 is off.")
@@ -145,10 +200,26 @@ class RunConfig(BaseModel):
     augment_back_translate: Optional[str] = Field(None, description="'module:function' called as f(text, rng) -> text for back-translation through your own model (see docs/data.md).")
     augment_targets: bool = Field(False, description="Also augment the assistant's answers (never the <think> reasoning).")
     augment_ratio: float = Field(1.0, ge=0.0, le=1.0, description="Share of samples augmented at all in each epoch.")
-    # --- output ----------------------------------------------------------------
+
+
+    def augment_options(self) -> AugmentOptions:
+        return AugmentOptions(
+            synonym_prob=self.augment_synonym_prob, insert_prob=self.augment_insert_prob,
+            shuffle_window=self.augment_shuffle_window, template_rotation=self.augment_template_rotation,
+            instruction_templates=self.augment_instruction_templates, synonyms_file=self.augment_synonyms_file,
+            back_translate=self.augment_back_translate, augment_targets=self.augment_targets, ratio=self.augment_ratio)
+
+
+class OutputArgs(_Section):
+    """Where the run writes."""
+
     output_dir: Optional[str] = Field(None, description="Where the adapter or model, tokenizer, logs, plots and checkpoints go. Required by r1tune train and eval; without it, export / chat / serve load model_name_or_path with adapter_name_or_path (LLaMA-Factory's export and inference YAML).")
     overwrite_output_dir: bool = Field(False, description="Allow training into an output_dir that already holds a trained model.")
-    # --- optimisation ----------------------------------------------------------
+
+
+class TrainingArgs(_Section):
+    """Optimisation: batch sizes, optimizer, learning-rate schedule, precision and memory."""
+
     per_device_train_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for training.")
     per_device_eval_batch_size: int = Field(8, ge=1, description="Samples per micro-batch for evaluation.")
     group_by_length: Optional[bool] = Field(None, description="Put samples of similar length in the same batch (less padding, same data each epoch). Empty: on when shuffled batches, after cutting into micro-batches (micro_batch_tokens), would still be >= 30% padding; homogeneous batches slow convergence (20M DeepSeek-V3 in bench/train_throughput.py: held-out loss 4.074 grouped vs 3.750 shuffled).")
@@ -169,7 +240,11 @@ class RunConfig(BaseModel):
     gradient_checkpointing: Optional[bool] = Field(None, description="Recompute activations in the backward pass to save memory (about 25% slower). Empty: on only when the estimated activations of the largest micro-batch exceed memory_budget_gb.")
     memory_budget_gb: Optional[float] = Field(None, gt=0, description="Activation memory allowed before gradient checkpointing turns itself on; empty: half of the memory available at start.")
     seed: int = Field(42, description="Seed for initialisation, data order, splits and dropout.")
-    # --- evaluation and stopping ----------------------------------------------
+
+
+class EvalArgs(_Section):
+    """Evaluation during training, and what it stops or adjusts (early stopping, learning-rate plateaus, gradient alarms)."""
+
     eval_steps: Optional[int] = Field(None, ge=1, description="Evaluate every N steps (needs val_size > 0); empty evaluates only at the end.")
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without a lower eval loss.")
     eval_generate_samples: int = Field(0, ge=0, description="Before and after training, generate answers for this many validation prompts and report exact-match accuracy; with generate_metrics_steps also during training.")
@@ -183,7 +258,11 @@ class RunConfig(BaseModel):
     grad_norm_alarm_ratio: float = Field(3.0, ge=0.0, description="A rising norm must also be at least this many times its running mean to alarm (0: the std band alone). Healthy runs stray 3-4.5 std and up to 2.04x (bench/grad_alarm.py: the quickstart's 250 steps gave 2-3 alarms at 3 std alone, 0-1 with 2x, none with 3x; a run at a too-high learning rate alarmed alike under every rule).")
     update_heatmap: Optional[bool] = Field(None, description="Track each module group's relative update size ||dW||/||W|| and write update_heatmap.png (module group x step) at the end. Empty: on when under 10% of the weights train (it keeps a copy of the trainable weights at sampled steps).")
     max_new_tokens: int = Field(128, ge=1, description="Generation limit for eval_generate_samples.")
-    # --- r1tune eval --------------------------------------------------------------
+
+
+class EvalCommandArgs(_Section):
+    """r1tune eval: scoring the trained model on held-out data, multiple choice and perturbed prompts, with its generation settings."""
+
     eval_max_samples: Optional[int] = Field(200, ge=1, description="r1tune eval: score at most this many held-out conversations (eval_dataset, or the val_size split of dataset).")
     eval_compare_base: bool = Field(True, description="r1tune eval: also score the base model on the same prompts and report the differences.")
     do_sample: bool = Field(False, description="Generation: sample instead of greedy decoding.")
@@ -195,7 +274,11 @@ class RunConfig(BaseModel):
     eval_robustness_rate: float = Field(0.1, ge=0.0, le=1.0, description="r1tune eval: share of words / characters a perturbation touches.")
     eval_thresholds: Optional[list[str]] = Field(None, description="r1tune eval: gates like 'bleu4 >= 0.45', 'ppl_drop >= 0.35', 'f1_gain >= 0.15', 'robust_accuracy >= 0.88'; any FAIL makes the command exit with code 1.")
     eval_output_dir: Optional[str] = Field(None, description="r1tune eval: where predictions and the report go; empty: OUTPUT_DIR/eval.")
-    # --- r1tune export -----------------------------------------------------------
+
+
+class ExportArgs(_Section):
+    """r1tune export: merging the trained model and writing quantized, ONNX, int8 and GGUF copies."""
+
     export_dir: Optional[str] = Field(None, description="r1tune export: where the merged model, tokenizer, generation config and model card go; empty: OUTPUT_DIR/merged (required without output_dir). Its old contents are replaced.")
     export_size: float = Field(5.0, gt=0, description="r1tune export: largest safetensors shard in GB (LLaMA-Factory's key).")
     export_legacy_format: bool = Field(False, description="LLaMA-Factory's key for .bin files; r1tune writes safetensors only, so it must stay false.")
@@ -205,7 +288,11 @@ class RunConfig(BaseModel):
     export_int8: bool = Field(False, description="r1tune export: also write merged/int8 (int8 weights + per-channel scales in safetensors, activations quantized on the fly; for CPU inference) and report its size, tokens/s and perplexity against the fp32 model.")
     export_gguf: bool = Field(False, description="r1tune export: also write merged/model.gguf (f16) and an Ollama Modelfile with the R1 template and stop tokens (Qwen2 and Llama architectures).")
     model_license: Optional[str] = Field(None, description="r1tune export: the license field of the model card (e.g. mit, apache-2.0); empty: 'other', to be filled in.")
-    # --- r1tune serve --------------------------------------------------------------
+
+
+class ServeArgs(_Section):
+    """r1tune serve: the served model names, request batching and request limits."""
+
     serve_model_name: Optional[str] = Field(None, description="r1tune serve: the `model` name of the run's model in requests; empty: the output_dir folder's name (or the adapter's / base's name).")
     serve_adapters: Optional[dict[str, str]] = Field(None, description="r1tune serve: more LoRA adapters over the same base, {name: adapter folder or r1tune output_dir}, kept in memory together and chosen by each request's `model` field.")
     serve_base_name: Optional[str] = Field(None, description="r1tune serve: also serve the base model (adapters off) under this `model` name.")
@@ -215,7 +302,11 @@ class RunConfig(BaseModel):
     serve_max_tokens: int = Field(2048, ge=1, description="r1tune serve: the largest max_tokens a request may ask for (also the default).")
     serve_max_prompt_tokens: int = Field(4096, ge=1, description="r1tune serve: the longest prompt accepted, in tokens (HTTP 400 above).")
     serve_max_body_bytes: int = Field(1_000_000, ge=1, description="r1tune serve: the largest request body accepted (HTTP 413 above).")
-    # --- logging and checkpoints -----------------------------------------------
+
+
+class LoggingArgs(_Section):
+    """Logging, checkpoints and resuming."""
+
     logging_steps: int = Field(10, ge=1, description="Log loss, learning rate and tokens/s every N steps.")
     save_steps: int = Field(500, ge=1, description="Write a resumable checkpoint every N steps.")
     save_total_limit: Optional[int] = Field(None, ge=1, description="Keep only the newest N checkpoints.")
@@ -223,48 +314,54 @@ class RunConfig(BaseModel):
     report_to: str = Field("tensorboard", description="'tensorboard' writes event files to output_dir/runs; 'none' disables them.")
     resume_from_checkpoint: Optional[str] = Field(None, description="'auto' resumes from the newest checkpoint in output_dir; or a checkpoint folder path.")
 
+
+# Section name -> class, in the order docs/config.md lists them (and the run file's keys are saved in).
+SECTIONS: dict[str, type[BaseModel]] = {
+    "model": ModelArgs, "method": MethodArgs, "dpo": DpoArgs, "kto": KtoArgs, "regularisation": RegularisationArgs,
+    "data": DataArgs, "augment": AugmentArgs, "output": OutputArgs, "training": TrainingArgs, "evaluation": EvalArgs,
+    "eval": EvalCommandArgs, "export": ExportArgs, "serve": ServeArgs, "logging": LoggingArgs,
+}
+
+# Keys that only mean something for some training stages (stage 'rm' and the rest have none of their own).
+# Set for another stage, one only gets a notice: a LLaMA-Factory YAML whose stage was switched still runs.
+STAGE_KEYS: dict[str, list[str]] = {
+    "dpo": ["pref_beta", "pref_ftx", "pref_loss", "simpo_gamma", "dpo_label_smoothing", "precompute_ref_log_probs"],
+    "kto": ["pref_beta", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight", "precompute_ref_log_probs"],
+}
+
+
+# Pydantic orders the fields of a class with several bases from the last base to the first, so the sections
+# are listed here in reverse: model_fields (and the saved run file) then follow SECTIONS. A test checks it.
+class RunConfig(LoggingArgs, ServeArgs, ExportArgs, EvalCommandArgs, EvalArgs, TrainingArgs, OutputArgs, AugmentArgs,
+                DataArgs, RegularisationArgs, KtoArgs, DpoArgs, MethodArgs, ModelArgs):
+    """Every key of a run file: the union of SECTIONS. Descriptions become docs/config.md."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    _source: str = PrivateAttr("config")  # the YAML file, named in error messages
+
     @model_validator(mode="after")
     def _check_combinations(self, info: ValidationInfo) -> "RunConfig":
-        if self.bf16 and self.fp16:
-            raise ValueError("bf16 and fp16 cannot both be true; pick one")
-        if self.report_to not in ("tensorboard", "none", "all"):
-            raise ValueError(f"report_to must be 'tensorboard', 'all' or 'none' (got '{self.report_to}')")
-        if self.max_steps == 0:
-            raise ValueError("max_steps must be a positive number of steps, or -1 to use num_train_epochs")
-        if self.val_size == 0 and not self.eval_dataset:
-            for key in ("eval_steps", "early_stopping_patience", "eval_generate_samples"):
-                if getattr(self, key):
-                    raise ValueError(f"'{key}' needs held-out data; set val_size (e.g. 0.1) or eval_dataset, or remove '{key}'")
-        if self.eval_dataset and self.val_size:
-            raise ValueError("give either 'eval_dataset' or 'val_size', not both")
-        if self.chunk_overlap * 2 >= self.cutoff_len:
-            raise ValueError(f"'chunk_overlap' ({self.chunk_overlap}) must be less than half of cutoff_len ({self.cutoff_len})")
-        if self.augment_options().enabled() and (self.use_packing or self.long_samples == "chunk" or stage_data(self.stage).reads_text):
-            raise ValueError("augmentation re-encodes samples every epoch and works with truncated conversations only; "
-                             "turn off packing / long_samples: chunk (or the augment_* keys)")
-        if self.balance_classes and self.use_packing:
-            raise ValueError("'balance_classes' re-draws samples every epoch and cannot be combined with packing; turn one off")
-        if self.generate_metrics_steps and self.val_size == 0 and not self.eval_dataset:
-            raise ValueError("'generate_metrics_steps' needs held-out data; set val_size (e.g. 0.1) or eval_dataset")
-        watched = {"loss", "perplexity"} | ({"exact_match", "accuracy", "bleu4", "rouge_l"}
-                                            if self.generate_metrics_steps else set())
-        if self.metric_for_best_model not in watched:
-            raise ValueError(f"'metric_for_best_model' is '{self.metric_for_best_model}', which no evaluation of this run "
-                             f"measures; choose one of {', '.join(sorted(watched))} (generation metrics need "
-                             "generate_metrics_steps)")
-        if self.lr_plateau_patience and not self.eval_steps:
-            raise ValueError("'lr_plateau_patience' needs 'eval_steps' (how often to evaluate)")
-        if self.export_legacy_format:
-            raise ValueError("'export_legacy_format' asks for pickle-based .bin files; r1tune writes safetensors only "
-                             "(safe to load anywhere), so remove the key or set it false")
-        if self.early_stopping_patience and not self.eval_steps:
-            raise ValueError("'early_stopping_patience' needs 'eval_steps' (how often to evaluate)")
-        check_method_options(self, (info.context or {}).get("source", "config"))
+        # Every contradiction at once, so a file with several is fixed in one go (validate_config lists them).
+        source = (info.context or {}).get("source", "config")
+        problems = [*_combination_problems(self), *method_option_problems(self, source),
+                    *stage_option_problems(self, source)]
+        if problems:
+            raise ConfigProblems(problems)
         return self
 
     @property
     def source(self) -> str:
         return self._source
+
+    def section(self, name: str) -> BaseModel:
+        """The keys of section `name` (see SECTIONS) as an instance of its class, for a stage to read its own."""
+        cls = SECTIONS[name]
+        return cls.model_construct(self.model_fields_set & set(cls.model_fields),
+                                   **{key: getattr(self, key) for key in cls.model_fields})
+
+    def stage_options(self, stage: str | None = None) -> dict[str, Any]:
+        """The keys STAGE_KEYS gives `stage` (default: this run's stage) and their values."""
+        return {key: getattr(self, key) for key in STAGE_KEYS.get(stage or self.stage, [])}
 
     def require(self, *keys: str, command: str) -> None:
         """UserError for the first of `keys` left empty: dataset and output_dir are optional so that an
@@ -273,27 +370,62 @@ class RunConfig(BaseModel):
             if getattr(self, key) in (None, ""):
                 raise UserError(f"{missing_key_message(self.source, key)} ({command} needs it)")
 
-    def augment_options(self) -> AugmentOptions:
-        return AugmentOptions(
-            synonym_prob=self.augment_synonym_prob, insert_prob=self.augment_insert_prob,
-            shuffle_window=self.augment_shuffle_window, template_rotation=self.augment_template_rotation,
-            instruction_templates=self.augment_instruction_templates, synonyms_file=self.augment_synonyms_file,
-            back_translate=self.augment_back_translate, augment_targets=self.augment_targets, ratio=self.augment_ratio)
 
-    @property
-    def use_packing(self) -> bool:
-        return self.packing or self.neat_packing
+class ConfigProblems(ValueError):
+    """Several cross-key problems found together. Pydantic wraps it in its ValidationError;
+    _validation_problems takes the list back out so each gets its own line."""
 
-    @property
-    def adapt_experts(self) -> bool:
-        """lora_experts, or when empty: yes unless the method has no fused-expert form in PEFT."""
-        if self.lora_experts is not None:
-            return self.lora_experts
-        return not (self.use_dora or self.pissa_init or self.finetuning_type == "adalora")
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
-    @property
-    def effective_lora_alpha(self) -> int:
-        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+def _combination_problems(cfg: RunConfig) -> Iterator[str]:
+    yield from _training_problems(cfg)
+    yield from _evaluation_problems(cfg)
+    yield from _data_problems(cfg)
+    if cfg.export_legacy_format:
+        yield ("'export_legacy_format' asks for pickle-based .bin files; r1tune writes safetensors only "
+               "(safe to load anywhere), so remove the key or set it false")
+
+
+def _training_problems(cfg: RunConfig) -> Iterator[str]:
+    if cfg.bf16 and cfg.fp16:
+        yield "bf16 and fp16 cannot both be true; pick one"
+    if cfg.report_to not in ("tensorboard", "none", "all"):
+        yield f"report_to must be 'tensorboard', 'all' or 'none' (got '{cfg.report_to}')"
+    if cfg.max_steps == 0:
+        yield "max_steps must be a positive number of steps, or -1 to use num_train_epochs"
+
+
+def _evaluation_problems(cfg: RunConfig) -> Iterator[str]:
+    held_out = cfg.val_size != 0 or bool(cfg.eval_dataset)
+    for key in ("eval_steps", "early_stopping_patience", "eval_generate_samples"):
+        if not held_out and getattr(cfg, key):
+            yield f"'{key}' needs held-out data; set val_size (e.g. 0.1) or eval_dataset, or remove '{key}'"
+    if cfg.eval_dataset and cfg.val_size:
+        yield "give either 'eval_dataset' or 'val_size', not both"
+    if cfg.generate_metrics_steps and not held_out:
+        yield "'generate_metrics_steps' needs held-out data; set val_size (e.g. 0.1) or eval_dataset"
+    watched = {"loss", "perplexity"} | ({"exact_match", "accuracy", "bleu4", "rouge_l"}
+                                        if cfg.generate_metrics_steps else set())
+    if cfg.metric_for_best_model not in watched:
+        yield (f"'metric_for_best_model' is '{cfg.metric_for_best_model}', which no evaluation of this run "
+               f"measures; choose one of {', '.join(sorted(watched))} (generation metrics need "
+               "generate_metrics_steps)")
+    for key in ("lr_plateau_patience", "early_stopping_patience"):
+        if getattr(cfg, key) and not cfg.eval_steps:
+            yield f"'{key}' needs 'eval_steps' (how often to evaluate)"
+
+
+def _data_problems(cfg: RunConfig) -> Iterator[str]:
+    if cfg.chunk_overlap * 2 >= cfg.cutoff_len:
+        yield f"'chunk_overlap' ({cfg.chunk_overlap}) must be less than half of cutoff_len ({cfg.cutoff_len})"
+    if cfg.augment_options().enabled() and (cfg.use_packing or cfg.long_samples == "chunk" or stage_data(cfg.stage).reads_text):
+        yield ("augmentation re-encodes samples every epoch and works with truncated conversations only; "
+               "turn off packing / long_samples: chunk (or the augment_* keys)")
+    if cfg.balance_classes and cfg.use_packing:
+        yield "'balance_classes' re-draws samples every epoch and cannot be combined with packing; turn one off"
 
 
 # Keys that only mean something for some fine-tuning types: setting one for another type is an error.
@@ -323,55 +455,90 @@ WHAT_TRAINS_KEYS = {"quantization_bit", "adapter_name_or_path", "create_new_adap
 
 
 def check_method_options(cfg: RunConfig, source: str = "config") -> None:
+    """ConfigProblems (a ValueError) listing every problem method_option_problems finds."""
+    problems = list(method_option_problems(cfg, source))
+    if problems:
+        raise ConfigProblems(problems)
+
+
+def method_option_problems(cfg: RunConfig, source: str = "config") -> Iterator[str]:
     """Options of one fine-tuning method set for another, or options that contradict each other.
 
     A hyperparameter of another method (lora_rank with full, say) only gets a notice, so a
     LLaMA-Factory YAML whose finetuning_type was switched still runs."""
-    given = cfg.model_fields_set
+    yield from _other_method_problems(cfg, source)
+    yield from _adapter_problems(cfg)
+    yield from _expert_problems(cfg)
+    if cfg.unfreeze_schedule is not None:
+        if "freeze_trainable_layers" in cfg.model_fields_set:
+            yield "give either 'freeze_trainable_layers' or 'unfreeze_schedule', not both"
+        try:
+            parse_schedule(cfg.unfreeze_schedule)
+        except ValueError as exc:  # names the malformed entry
+            yield str(exc)
+    if cfg.optim not in OPTIMIZERS:
+        yield (f"'optim' is '{cfg.optim}'; choose one of {', '.join(sorted(OPTIMIZERS))}"
+               f"{did_you_mean(cfg.optim, OPTIMIZERS)}")
+
+
+def _other_method_problems(cfg: RunConfig, source: str) -> Iterator[str]:
     for types, keys in METHOD_KEYS.items():
         for key in keys:
-            if key in given and cfg.finetuning_type not in types and getattr(cfg, key) not in (None, False):
+            if key in cfg.model_fields_set and cfg.finetuning_type not in types and getattr(cfg, key) not in (None, False):
                 what = f"'{key}' applies to finetuning_type {' / '.join(types)}, not '{cfg.finetuning_type}'"
                 if key in WHAT_TRAINS_KEYS:
-                    raise ValueError(f"{what}; remove '{key}' or change finetuning_type")
-                print(f"note: {source}: {what}; it has no effect", file=sys.stderr)
+                    yield f"{what}; remove '{key}' or change finetuning_type"
+                else:
+                    print(f"note: {source}: {what}; it has no effect", file=sys.stderr)
+
+
+def _adapter_problems(cfg: RunConfig) -> Iterator[str]:
     if cfg.pissa_init and cfg.quantization_bit:
-        raise ValueError("'pissa_init' rewrites the base weights and cannot be used with a quantized base "
-                         "(quantization_bit); remove one of them")
+        yield ("'pissa_init' rewrites the base weights and cannot be used with a quantized base "
+               "(quantization_bit); remove one of them")
     if cfg.lora_experts and (cfg.use_dora or cfg.pissa_init or cfg.finetuning_type == "adalora"):
-        raise ValueError("PEFT has no DoRA, PiSSA or AdaLoRA for fused MoE experts; set lora_experts: false "
-                         "(or leave it empty) to apply the method to every other linear layer")
+        yield ("PEFT has no DoRA, PiSSA or AdaLoRA for fused MoE experts; set lora_experts: false "
+               "(or leave it empty) to apply the method to every other linear layer")
     if (cfg.add_tokens or cfg.add_tokens_file) and cfg.finetuning_type not in ("lora", "full", "freeze"):
-        raise ValueError(f"added tokens (add_tokens / add_tokens_file) are trained and saved with finetuning_type "
-                         f"lora, full or freeze, not '{cfg.finetuning_type}'; remove them or change the method")
+        yield (f"added tokens (add_tokens / add_tokens_file) are trained and saved with finetuning_type "
+               f"lora, full or freeze, not '{cfg.finetuning_type}'; remove them or change the method")
     if cfg.use_packing and cfg.finetuning_type in ("prompt_tuning", "prefix_tuning", "p_tuning"):
-        raise ValueError(f"{cfg.finetuning_type} puts its virtual tokens before each row, so a packed row's later "
-                         "samples would not see them; turn packing off")
+        yield (f"{cfg.finetuning_type} puts its virtual tokens before each row, so a packed row's later "
+               "samples would not see them; turn packing off")
     if cfg.create_new_adapter and not cfg.adapter_name_or_path:
-        raise ValueError("'create_new_adapter' needs 'adapter_name_or_path' (the adapters to merge first)")
+        yield "'create_new_adapter' needs 'adapter_name_or_path' (the adapters to merge first)"
     if cfg.prompt_tuning_init == "text" and not cfg.prompt_tuning_init_text:
-        raise ValueError("prompt_tuning_init 'text' needs 'prompt_tuning_init_text'")
+        yield "prompt_tuning_init 'text' needs 'prompt_tuning_init_text'"
     if cfg.adalora_target_r > cfg.adalora_init_r:
-        raise ValueError(f"'adalora_target_r' ({cfg.adalora_target_r}) must not exceed 'adalora_init_r' ({cfg.adalora_init_r})")
-    _check_expert_options(cfg)
-    if cfg.unfreeze_schedule is not None:
-        if "freeze_trainable_layers" in given:
-            raise ValueError("give either 'freeze_trainable_layers' or 'unfreeze_schedule', not both")
-        parse_schedule(cfg.unfreeze_schedule)  # raises ValueError naming the entry
-    if cfg.optim not in OPTIMIZERS:
-        raise ValueError(f"'optim' is '{cfg.optim}'; choose one of {', '.join(sorted(OPTIMIZERS))}"
-                         f"{did_you_mean(cfg.optim, OPTIMIZERS)}")
+        yield f"'adalora_target_r' ({cfg.adalora_target_r}) must not exceed 'adalora_init_r' ({cfg.adalora_init_r})"
 
 
-def _check_expert_options(cfg: RunConfig) -> None:
+def _expert_problems(cfg: RunConfig) -> Iterator[str]:
     ways = [k for k in ("expert_ids", "expert_domain", "expert_top_k") if getattr(cfg, k) is not None]
     if len(ways) > 1:
-        raise ValueError(f"choose experts one way: {' and '.join(ways)} are both set")
+        yield f"choose experts one way: {' and '.join(ways)} are both set"
     if cfg.expert_domain and not cfg.expert_domain_map:
-        raise ValueError("'expert_domain' needs 'expert_domain_map' (a JSON file of domain -> expert ids)")
+        yield "'expert_domain' needs 'expert_domain_map' (a JSON file of domain -> expert ids)"
     if cfg.train_router and not ways:
-        raise ValueError("'train_router' belongs to expert-selective tuning; also set expert_ids, expert_domain "
-                         "or expert_top_k")
+        yield ("'train_router' belongs to expert-selective tuning; also set expert_ids, expert_domain "
+               "or expert_top_k")
+
+
+def stage_owners(key: str) -> list[str]:
+    """The stages STAGE_KEYS gives `key` to ([] for a key every stage reads)."""
+    return [stage for stage, keys in STAGE_KEYS.items() if key in keys]
+
+
+def stage_option_problems(cfg: RunConfig, source: str = "config") -> Iterator[str]:
+    """A notice for each preference key set for a stage that ignores it; problems for contradictions."""
+    for key in dict.fromkeys(k for keys in STAGE_KEYS.values() for k in keys):  # each key once, in order
+        owners = stage_owners(key)
+        if key in cfg.model_fields_set and cfg.stage not in owners and getattr(cfg, key) is not None:
+            print(f"note: {source}: '{key}' applies to stage {' / '.join(owners)}, not '{cfg.stage}'; "
+                  "it has no effect", file=sys.stderr)
+    if cfg.dpo_label_smoothing > 0 and cfg.pref_loss != "sigmoid":
+        yield (f"'dpo_label_smoothing' (cDPO) works with pref_loss sigmoid only, not '{cfg.pref_loss}'; "
+               "set it to 0 or use pref_loss: sigmoid")
 
 
 # --- what some keys parse into -------------------------------------------------------------------------
@@ -464,22 +631,81 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     return validate_config(raw, source=str(path))
 
 
+class Problem(NamedTuple):
+    """One mistake in a run file: `line` for a list of several, `alone` when it is the only one."""
+    key: Any  # the key it is about, to list problems in file order; None: several keys
+    line: str
+    alone: str
+
+
+def _problem(source: str, line: str, key: Any = None) -> Problem:
+    return Problem(key, line, f"{source}: {line}")
+
+
 def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
-    known = set(RunConfig.model_fields)
-    for key in list(raw):
-        if not isinstance(key, str):
-            raise UserError(f"{source}: key {key!r} is not a name; quote it or fix the line (see docs/config.md)")
-        if key in NO_EFFECT_KEYS and key not in known:
-            print(f"note: {source}: ignoring '{key}' ({NO_EFFECT_KEYS[key]})", file=sys.stderr)
-            raw.pop(key)
-        elif key not in known:
-            raise UserError(f"unknown key '{key}' in {source}{did_you_mean(key, known) or ' — see docs/config.md for every key'}")
+    """The RunConfig of `raw`, or one UserError naming every problem: unknown keys, wrong types and values
+    (pydantic reports all fields at once), and, when every field is valid, every cross-key contradiction."""
+    order, raw = list(raw), dict(raw)
+    problems = _screen_keys(raw, source)
     try:
         cfg = RunConfig.model_validate(raw, context={"source": source})
     except ValidationError as exc:
-        raise UserError(_describe_validation_error(exc, source)) from None
+        problems += _validation_problems(exc, source)
+    if problems:
+        raise UserError(describe_problems(problems, source, order))
     cfg._source = source
     return cfg
+
+
+def _screen_keys(raw: dict, source: str) -> list[Problem]:
+    """Remove the keys RunConfig has no field for: a notice for those of NO_EFFECT_KEYS, a problem for the rest."""
+    known, problems = set(RunConfig.model_fields), []
+    for key in list(raw):
+        if not isinstance(key, str):
+            problems.append(_problem(source, f"key {key!r} is not a name; quote it or fix the line (see docs/config.md)", key))
+        elif key in known:
+            continue
+        elif key in NO_EFFECT_KEYS:
+            print(f"note: {source}: ignoring '{key}' ({NO_EFFECT_KEYS[key]})", file=sys.stderr)
+        else:
+            hint = did_you_mean(key, known) or " — see docs/config.md for every key"
+            problems.append(Problem(key, f"unknown key '{key}'{hint}", f"unknown key '{key}' in {source}{hint}"))
+        raw.pop(key)
+    return problems
+
+
+def _validation_problems(exc: ValidationError, source: str) -> list[Problem]:
+    """One problem per key pydantic rejected (its first error: a union reports one per member), then the
+    cross-key problems ConfigProblems carries."""
+    problems, seen = [], set()
+    for err in exc.errors():
+        key = str(err["loc"][0]) if err["loc"] else None
+        if key is None:
+            error = (err.get("ctx") or {}).get("error")
+            messages = error.problems if isinstance(error, ConfigProblems) else [err["msg"].removeprefix("Value error, ")]
+            problems += [_problem(source, m) for m in messages]
+        elif key not in seen:
+            seen.add(key)
+            problems.append(_field_problem(err, source))
+    return problems
+
+
+def _field_problem(err: dict, source: str) -> Problem:
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "missing":
+        return _problem(source, _missing_line(key), str(err["loc"][0]))
+    msg = err["msg"].removeprefix("Value error, ")
+    return _problem(source, f"invalid value for '{key}': {msg} (got {err.get('input')!r})", str(err["loc"][0]))
+
+
+def describe_problems(problems: list[Problem], source: str, order: list | None = None) -> str:
+    """The message of one UserError: a single problem in its usual sentence, several as one line each,
+    in the order of their keys in the file (`order`), contradictions between keys last."""
+    if len(problems) == 1:
+        return problems[0].alone
+    place = {key: i for i, key in enumerate(order or [])}
+    problems = sorted(problems, key=lambda p: place.get(p.key, len(place)))
+    return f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p.line}" for p in problems)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -512,19 +738,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), value  # not YAML: keep the text as given
 
 
-def _describe_validation_error(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "config"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "missing":
-        return missing_key_message(source, key)
-    if not err["loc"]:
-        return f"{source}: {msg}"
-    return f"{source}: invalid value for '{key}': {msg} (got {err.get('input')!r})"
-
-
 def missing_key_message(source: str, key: str) -> str:
-    return f"{source}: required key '{key}' is missing; add it to the file"
+    return f"{source}: {_missing_line(key)}"
+
+
+def _missing_line(key: str) -> str:
+    return f"required key '{key}' is missing; add it to the file"
 
 
 def config_to_yaml(cfg: RunConfig) -> str:
@@ -532,23 +751,30 @@ def config_to_yaml(cfg: RunConfig) -> str:
 
 
 def config_docs_markdown() -> str:
-    """docs/config.md: every key with its default and meaning."""
+    """docs/config.md: every key with its default and meaning, one table per section."""
     lines = [
         "# Run configuration keys",
         "",
         "Generated from `src/r1tune/config.py` by `python -m r1tune.config > docs/config.md`.",
         "Any key can be overridden on the command line: `r1tune train run.yaml lora_rank=16`.",
-        "Unknown keys are errors. These keys from LLaMA-Factory are accepted and ignored with a notice: "
+        "The run file is flat (every key at the top level, as in LLaMA-Factory); the sections below only group the keys.",
+        "Unknown keys are errors, and a file with several mistakes gets them all listed, one line each. "
+        "These keys from LLaMA-Factory are accepted and ignored with a notice: "
         + ", ".join(f"`{k}`" for k in sorted(NO_EFFECT_KEYS)) + ".",
-        "",
-        "| key | default | meaning |",
-        "|---|---|---|",
+        "Keys of one fine-tuning method or training stage set for another one get a notice that they have no effect "
+        "(an error where they would change what is trained).",
     ]
-    for name, field in RunConfig.model_fields.items():
-        default = "required" if field.is_required() else f"`{field.default!r}`"
-        lines.append(f"| `{name}` | {default} | {field.description} |")
+    for name, cls in SECTIONS.items():
+        lines += _section_docs(name, cls)
     return "\n".join(lines) + "\n"
 
+
+def _section_docs(name: str, cls: type[BaseModel]) -> list[str]:
+    lines = ["", f"## {name}", "", (cls.__doc__ or "").strip(), "", "| key | default | meaning |", "|---|---|---|"]
+    for key, field in cls.model_fields.items():
+        default = "required" if field.is_required() else f"`{field.default!r}`"
+        lines.append(f"| `{key}` | {default} | {field.description} |")
+    return lines
 
 if __name__ == "__main__":
     sys.stdout.write(config_docs_markdown())

@@ -24,6 +24,8 @@ class StageData:
     needs_template: bool  # records are rendered with a chat template
     long_samples: str  # what long_samples 'auto' means: 'chunk' into windows or 'truncate'
     description: str
+    cached: bool = True  # its examples fit the tokenized cache (pairs are encoded in memory)
+    saves: str = "the adapter or model"  # what output_dir gets besides logs
 
 
 STAGES = {
@@ -31,6 +33,14 @@ STAGES = {
                      description="supervised fine-tuning on conversations (and text+label classification records)"),
     "pt": StageData("pt", ("text",), reads_text=True, needs_template=False, long_samples="chunk",
                     description="continued pretraining on plain text, every token trained"),
+    "dpo": StageData("dpo", ("preference",), reads_text=False, needs_template=True, long_samples="truncate",
+                     description="preference optimisation on chosen/rejected pairs (pref_loss: sigmoid DPO, hinge, "
+                                 "ipo, orpo, simpo)", cached=False),
+    "kto": StageData("kto", ("kto",), reads_text=False, needs_template=True, long_samples="truncate",
+                     description="KTO on single answers labelled desirable or not (kto_tag)"),
+    "rm": StageData("rm", ("preference",), reads_text=False, needs_template=True, long_samples="truncate",
+                    description="a pairwise reward model: a value head scores answers, chosen above rejected",
+                    cached=False, saves="the adapter or model and value_head.safetensors"),
 }
 
 

@@ -108,6 +108,19 @@ def print_comparison(before: dict | None, after: dict) -> None:
             console.print(f"sample ({mark}): {question!r} → generated {generated!r} (expected {expected!r})")
 
 
+def print_metric_comparison(before: dict | None, after: dict) -> None:
+    """Every held-out metric before and after training, in one table."""
+    if not after:
+        return
+    table = Table(title="before vs after training (held-out)")
+    for name, justify in (("metric", "left"), ("before", "right"), ("after", "right")):
+        table.add_column(name, justify=justify)
+    for key, value in after.items():
+        old = f"{before[key]:.4f}" if before and key in before else "-"
+        table.add_row(key, old, f"{value:.4f}")
+    console.print(table)
+
+
 def warn(message: str) -> None:
     """A warning a person must not miss: bold yellow in a terminal, a 'warning:' line in a log."""
     console.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")

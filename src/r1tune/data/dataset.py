@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from r1tune.data.chunking import sliding_windows
-from r1tune.data.encode import (Example, TemplateMismatch, encode_segments_batch, encode_texts, render_segments,
-                                truncate)
+from r1tune.data.encode import (Example, PairExample, TemplateMismatch, encode_segments_batch, encode_texts,
+                                final_answer_only, render_segments, truncate)
 from r1tune.data.formats import Conversation
 from r1tune.data.kinds import Sample, pretraining_text, to_sample
 from r1tune.data.leakage import Leakage
@@ -147,10 +147,12 @@ def _read_source(source, max_samples: int | None, skipped, stage: str | None) ->
 
 
 def _to_stage_sample(record: dict, spec, where: str, stage: str | None) -> Sample:
-    """The record as the stage reads it; `stage` None reads every kind as itself."""
+    """The record as the stage reads it; `stage` None reads every kind as itself. A stage that
+    trains on one kind only reads every record as that kind, so a missing field is named."""
     if stage is not None and stage_data(stage).reads_text:
         return pretraining_text(record, spec, where)
-    sample = to_sample(record, spec, where)
+    kinds = stage_data(stage).kinds if stage is not None else ()
+    sample = to_sample(record, spec, where, kind=kinds[0] if len(kinds) == 1 else None)
     if stage is not None and sample.kind not in stage_data(stage).kinds:
         raise UserError(f"{where}: the record {wrong_kind_message(sample.kind, stage)}")
     return sample
@@ -238,27 +240,39 @@ def long_sample_mode(cfg) -> str:
     return stage_data(cfg.stage).long_samples
 
 
-def encode_sample(tokenizer, sample: Sample, empty_think: str) -> Example:
-    """The whole (untruncated) training example of a chat, cls, kto or text sample."""
+def encode_sample(tokenizer, sample: Sample, empty_think: str) -> Example | PairExample:
+    """The whole (untruncated) training example of a sample: a PairExample for a preference pair."""
     return encode_many(tokenizer, [sample], empty_think)[0]
 
 
-def encode_many(tokenizer, samples: list[Sample], empty_think: str) -> list[Example]:
+def encode_many(tokenizer, samples: list[Sample], empty_think: str) -> list[Example | PairExample]:
     """encode_sample for a chunk of samples, tokenized in one batch call."""
-    segments = []
+    segments = []  # per sample: None (text) or one segment list per conversation it trains
     for sample in samples:
-        if sample.kind == "text":
-            segments.append(None)
-            continue
-        segments.append(segments_or_error(tokenizer, sample.messages, empty_think, sample.tools, sample.where))
-    chats = iter(encode_segments_batch(tokenizer, [s for s in segments if s is not None]))
+        segments.append(None if sample.kind == "text" else
+                        [_trained_turns(tokenizer, sample, conv, empty_think) for conv in _conversations(sample)])
+    chats = iter(encode_segments_batch(tokenizer, [c for s in segments if s is not None for c in s]))
     texts = iter(encode_texts(tokenizer, [s.text for s in samples if s.kind == "text"]))
     out = []
     for sample, seg in zip(samples, segments):
-        example = next(texts) if seg is None else next(chats)
+        if sample.kind == "preference":
+            example = PairExample(next(chats), next(chats))
+        else:
+            example = next(texts) if seg is None else next(chats)
         example.label = sample.label
         out.append(example)
     return out
+
+
+def _conversations(sample: Sample) -> list[Conversation]:
+    if sample.kind != "preference":
+        return [sample.messages]
+    return [sample.messages + [{"role": "assistant", "content": answer}] for answer in (sample.chosen, sample.rejected)]
+
+
+def _trained_turns(tokenizer, sample: Sample, messages: Conversation, empty_think: str) -> list[tuple[str, bool]]:
+    segments = segments_or_error(tokenizer, messages, empty_think, sample.tools, sample.where)
+    return final_answer_only(segments) if sample.kind in ("preference", "kto") else segments
 
 
 def segments_or_error(tokenizer, messages, empty_think: str, tools, where: str) -> list[tuple[str, bool]]:
@@ -269,8 +283,13 @@ def segments_or_error(tokenizer, messages, empty_think: str, tools, where: str) 
         raise UserError(f"{where}: {exc}; choose another 'template'") from None
 
 
-def fit_to_window(example: Example, cfg, report: DataReport) -> list[Example]:
-    """Truncate or chunk to cutoff_len; only parts that still train a token."""
+def fit_to_window(example: Example | PairExample, cfg, report: DataReport) -> list:
+    """Truncate or chunk to cutoff_len; only parts that still train a token (a pair: both answers)."""
+    if isinstance(example, PairExample):
+        pair = PairExample(truncate(example.chosen, cfg.cutoff_len), truncate(example.rejected, cfg.cutoff_len),
+                           example.label)
+        report.truncated += pair.truncated
+        return [pair] if pair.chosen.num_targets and pair.rejected.num_targets else []
     if long_sample_mode(cfg) == "chunk":
         parts = sliding_windows(example, cfg.cutoff_len, cfg.chunk_overlap)
         report.chunked += len(parts) > 1
@@ -290,11 +309,17 @@ def encode_chunk(tokenizer, samples: list[Sample], cfg, report: DataReport) -> t
             report.dropped[NO_TARGET_LEFT] += 1
             continue
         for part in parts:
-            report.tokens += len(part.input_ids)
+            report.tokens += _token_count(part)
             report.target_tokens += part.num_targets
         examples += parts
         kept.append(sample)
     return examples, kept
+
+
+def _token_count(example: Example | PairExample) -> int:
+    if isinstance(example, PairExample):
+        return len(example.chosen.input_ids) + len(example.rejected.input_ids)
+    return len(example.input_ids)
 
 
 def encode_all(tokenizer, samples: list[Sample], cfg, report: DataReport) -> tuple[list[Example], list[Sample]]:

@@ -41,6 +41,67 @@ class Example:
         return len(self.labels) - self.labels.count(IGNORE)
 
 
+@dataclass
+class PairExample:
+    """A preference pair: the prompt with the chosen answer and with the rejected one, each
+    training only its final answer (reasoning kept, as SFT's final turn)."""
+    chosen: Example
+    rejected: Example
+    label: str | None = None
+    ref_logps: tuple[float, float] | None = None  # the reference model's, when computed before training
+
+    @property
+    def rows(self) -> tuple[Example, Example]:
+        return self.chosen, self.rejected
+
+    @property
+    def num_targets(self) -> int:
+        return self.chosen.num_targets + self.rejected.num_targets
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+
+@dataclass
+class KTOExample:
+    """A KTO example (its answer labelled desirable or not) and a mismatched row: its prompt with
+    another example's answer, whose log-ratio estimates KTO's reference point."""
+    answer: Example
+    mismatched: Example
+    label: str | None = None  # "true": desirable
+    ref_logps: tuple[float, float] | None = None
+
+    @property
+    def rows(self) -> tuple[Example, Example]:
+        return self.answer, self.mismatched
+
+
+def prompt_length(example: Example) -> int:
+    """Tokens before the first trained one."""
+    return next((i for i, label in enumerate(example.labels) if label != IGNORE), len(example.labels))
+
+
+def with_mismatched(examples: list[Example], cutoff_len: int) -> list[KTOExample]:
+    """Each example paired with its prompt + the previous example's answer (the first with the last's),
+    as TRL and LLaMA-Factory build KTO's KL rows; cut to cutoff_len."""
+    out = []
+    for i, example in enumerate(examples):
+        other = examples[i - 1]  # the first takes the last one's
+        cut, start = prompt_length(example), prompt_length(other)
+        ids = example.input_ids[:cut] + other.input_ids[start:]
+        labels = [IGNORE] * cut + other.input_ids[start:]
+        out.append(KTOExample(example, truncate(Example(ids, labels), cutoff_len), example.label))
+    return out
+
+
+def final_answer_only(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Segments with only the last trained span (the final answer) still trained: preference and
+    KTO judge one answer to the prompt, not the earlier turns of its history."""
+    last = max((i for i, (_, trained) in enumerate(segments) if trained), default=-1)
+    return [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]
+
+
 class TemplateMismatch(ValueError):
     """The chat template does not render conversations as growing prefixes."""
 

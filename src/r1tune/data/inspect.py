@@ -7,8 +7,8 @@ import json
 from rich.table import Table
 from rich.text import Text
 
-from r1tune.data.dataset import DataReport, encode_sample, fit_to_window, load_samples, segments_or_error
-from r1tune.data.encode import IGNORE, Example, encode_segments
+from r1tune.data.dataset import DataReport, encode_sample, fit_to_window, load_samples
+from r1tune.data.encode import IGNORE, Example, PairExample
 from r1tune.data.kinds import Sample
 from r1tune.data.stats import DataStats, collect_stats, plot_lengths
 from r1tune.stages import stage_data
@@ -30,14 +30,10 @@ def read_all(cfg) -> tuple[list[Sample], list[str]]:
 
 def encoded_views(tokenizer, sample: Sample, empty_think: str) -> dict[str, Example]:
     """The untruncated examples of a sample: one, or 'chosen' and 'rejected' for a preference pair."""
-    if sample.kind != "preference":
-        return {"sample": encode_sample(tokenizer, sample, empty_think)}
-    views = {}
-    for name, answer in (("chosen", sample.chosen), ("rejected", sample.rejected)):
-        messages = sample.messages + [{"role": "assistant", "content": answer}]
-        segments = segments_or_error(tokenizer, messages, empty_think, sample.tools, sample.where)
-        views[name] = encode_segments(tokenizer, segments)
-    return views
+    example = encode_sample(tokenizer, sample, empty_think)
+    if isinstance(example, PairExample):
+        return {"chosen": example.chosen, "rejected": example.rejected}
+    return {"sample": example}
 
 
 def compute_stats(cfg, tokenizer) -> DataStats:

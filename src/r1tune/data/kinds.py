@@ -48,8 +48,9 @@ def _has_chat_fields(record: dict, spec: FormatSpec) -> bool:
     return any(name in record for name in names)
 
 
-def to_sample(record: dict, spec: FormatSpec, where: str) -> Sample:
-    kind = detect_kind(record, spec)
+def to_sample(record: dict, spec: FormatSpec, where: str, kind: str | None = None) -> Sample:
+    """The record as a Sample of `kind` (None: the kind its fields show)."""
+    kind = kind or detect_kind(record, spec)
     if kind == "preference":
         return _preference(record, spec, where)
     if kind == "text":

@@ -7,12 +7,13 @@ from r1tune.data.dataset import (CHUNK, DataReport, PreparedData, encode_all, lo
 from r1tune.data.leakage import find_leakage
 from r1tune.data.packing import pack_examples
 from r1tune.errors import UserError
+from r1tune.stages import stage_data
 
 
 def prepare_data(cfg, tokenizer, say=print) -> PreparedData:
     """Train/validation examples: from the tokenized cache (built on a miss) or, with
     augmentation or data_cache: false, encoded in memory; then checks and packing."""
-    if cfg.data_cache and not cfg.augment_options().enabled():
+    if cfg.data_cache and not cfg.augment_options().enabled() and stage_data(cfg.stage).cached:
         data = prepare_cached(cfg, tokenizer, say)
     else:
         data = _prepare_in_memory(cfg, tokenizer)

@@ -150,7 +150,8 @@ TEMPLATES: dict[str, str | None] = {
 }
 # LLaMA-Factory's names for the same templates (its `qwen`, `llama3` and `alpaca`
 # are registry names already).
-ALIASES = {"deepseekr1": "deepseek_r1", "deepseek3": "deepseek_v3", "default": "auto"}
+ALIASES = {"deepseekr1": "deepseek_r1", "deepseek3": "deepseek_v3", "default": "auto",
+           "qwen3_nothink": "chatml"}  # LLaMA-Factory's Qwen3 template without reasoning is plain ChatML
 
 
 def template_names() -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1tune.errors import UserError
-from r1tune.evaluation.metrics import NotApplicable
+from r1tune.data.metrics import NotApplicable
 from r1tune.fileio import save_figure, write_text_atomic
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}

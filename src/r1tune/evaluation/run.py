@@ -24,8 +24,8 @@ from r1tune.data.encode import generation_prompt
 from r1tune.data.reasoning import split_reasoning
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
-from r1tune.evaluation import metrics
-from r1tune.evaluation.generate import answer_of, generate_texts, with_open_think
+from r1tune.data import metrics
+from r1tune.models.generate import answer_of, generate_texts, with_open_think
 from r1tune.evaluation.report import (derived, format_gain, gate_actual, judge, metric_rows, parse_thresholds,
                                       write_report)
 from r1tune.fileio import write_text_atomic

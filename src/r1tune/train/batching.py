@@ -195,9 +195,12 @@ def block_causal_mask(segment_ids: torch.Tensor, attn: str) -> torch.Tensor | No
     return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keyword arguments for the model's forward."""
-    return {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+    """The keyword arguments for the model's forward (a stage's batch may carry more)."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -28,7 +28,7 @@ from r1tune.train.checkpoint import TrainerState
 from r1tune.train.logs import MetricsLog
 from r1tune.train.memory import checkpointing_decision, release_free_memory
 from r1tune.train.precision import autocast_context, pick_device, use_bf16
-from r1tune.train.stage_loss import StageLoss
+from r1tune.train.stage_loss import StageLoss, add_stats
 from r1tune.ui import say
 
 
@@ -169,7 +169,7 @@ class Engine:
             self.backward(loss)
             total_loss += loss.item()
             tokens += int(batch["num_tokens"])
-            _add_stats(stats, batch_stats)
+            add_stats(stats, batch_stats)
         self.callbacks.on_backward_end(self, step)
         grad_norm = self._apply_update(step)
         batches = batch = None  # let the step's tensors go before trimming
@@ -225,12 +225,6 @@ class Engine:
         return self.state.global_step / self.plan.per_epoch
 
 
-def _add_stats(total: dict, new: dict) -> None:
-    for name, (value, count) in new.items():
-        old = total.get(name, (0.0, 0))
-        total[name] = (old[0] + float(value), old[1] + count)
-
-
 class _Window:
     """What the train log averages between two log records."""
 
@@ -245,7 +239,7 @@ class _Window:
         self.loss += loss
         self.steps += 1
         self.tokens += tokens
-        _add_stats(self.stats, stats)
+        add_stats(self.stats, stats)
 
     def mean_loss(self) -> float:
         return self.loss / max(self.steps, 1)

@@ -21,6 +21,13 @@ from r1tune.train.held_out import LossSum, held_out_sum, perplexity
 Stats = dict[str, tuple[float, int]]
 
 
+def add_stats(total: Stats, new: Stats) -> None:
+    """Add (sum, count) statistics into a running total."""
+    for name, (value, count) in new.items():
+        old = total.get(name, (0.0, 0))
+        total[name] = (old[0] + float(value), old[1] + count)
+
+
 class StageLoss:
     def split(self, examples: list, budget: int) -> list[list]:
         """A batch cut into micro-batches of at most `budget` padded tokens (0: whole)."""

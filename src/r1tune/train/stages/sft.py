@@ -4,7 +4,7 @@ held-out loss, perplexity and (optionally) exact match of generated answers befo
 from __future__ import annotations
 
 from r1tune.config import RunConfig
-from r1tune.evaluation.generate import GenerationScore, exact_match, generation_metrics
+from r1tune.models.generate import GenerationScore, exact_match, generation_metrics
 from r1tune.train.engine import Engine, TrainResult
 from r1tune.train.held_out import perplexity
 from r1tune.train.stage_loss import CausalLMLoss

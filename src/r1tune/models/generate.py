@@ -77,7 +77,7 @@ def exact_match(model, tokenizer, conversations: list[Conversation], max_new_tok
 def generation_metrics(model, tokenizer, conversations: list[Conversation], max_new_tokens: int,
                        empty_think: str = "mask", batch_size: int = 8) -> dict:
     """Exact match, BLEU-4 and ROUGE-L of the generated final answers (the model is left in eval mode)."""
-    from r1tune.evaluation import metrics
+    from r1tune.data import metrics
 
     prompts = [generation_prompt(tokenizer, c, empty_think) for c in conversations]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size)

@@ -1,0 +1,62 @@
+"""Per-sequence quantities the preference and reward stages train on: the summed log-probability of
+each row's labelled tokens (and their count), and the last hidden state of each row's last token.
+
+Only labelled positions are scored through the output head (never the full logits of every
+position), so memory follows the answers' length, not the prompt's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from r1tune.data.encode import IGNORE
+from r1tune.train import batching
+from r1tune.train.held_out import choose_loss_path
+
+
+class SequenceScorer:
+    """model + batch -> per-row log-probabilities, token counts and hidden states."""
+
+    def __init__(self, model, chunked: bool | None = None):
+        self.model, self.split = model, choose_loss_path(model, chunked)
+
+    def hidden_and_head(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(last hidden states (rows, seq, dim), head weight), or (logits, None) when the head is not plain."""
+        inputs = {**batching.model_inputs(batch), "use_cache": False}
+        if self.split is not None:
+            decoder, head = self.split
+            return decoder(**inputs).last_hidden_state, head.weight
+        return self.model(**inputs).logits, None
+
+    def last_hidden(self, batch: dict) -> torch.Tensor:
+        """(rows, seq, dim) hidden states of the last layer."""
+        inputs = {**batching.model_inputs(batch), "use_cache": False}
+        if self.split is not None:
+            return self.split[0](**inputs).last_hidden_state
+        return self.model(**inputs, output_hidden_states=True).hidden_states[-1]
+
+    def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability of each row's labelled tokens (fp32), labelled tokens per row)."""
+        states, weight = self.hidden_and_head(batch)
+        return label_logps(states, weight, batch["labels"])
+
+
+def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: sum of log p(label) over labelled positions (next-token shift) and their count.
+    `states` are hidden states scored through `weight`, or logits when weight is None."""
+    states = states[:, states.size(1) - labels.size(1):]  # prompt tuning's virtual tokens come first
+    mask = labels[:, 1:] != IGNORE
+    rows = states[:, :-1][mask]
+    targets = labels[:, 1:][mask]
+    logits = rows if weight is None else rows @ weight.to(rows.dtype).T
+    token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    row_ids = mask.nonzero()[:, 0]
+    sums = torch.zeros(labels.size(0), dtype=torch.float32, device=labels.device).index_add(0, row_ids, token_logps)
+    return sums, mask.sum(dim=1)
+
+
+def last_token_states(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(rows, dim): the hidden state of each row's last real token (rows are right-padded)."""
+    last = attention_mask.sum(dim=1) - 1
+    return states[torch.arange(states.size(0), device=states.device), last]

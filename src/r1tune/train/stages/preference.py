@@ -1,0 +1,73 @@
+"""Preference and reward training on the shared run lifecycle: `stage: dpo` (pref_loss sigmoid,
+hinge, ipo, orpo, simpo), `stage: kto` and `stage: rm` (a pairwise reward model). Held-out pairs
+are measured before and after with TRL's metric names (rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracies; KTO also kl)."""
+
+from __future__ import annotations
+
+from r1tune.config import RunConfig
+from r1tune.data.encode import with_mismatched
+from r1tune.models.value_head import ValueHead, save_value_head
+from r1tune.process import is_main
+from r1tune.train.engine import TrainResult
+from r1tune.train.preference_stage import DPOLoss, KTOLoss, RewardModelLoss
+from r1tune.train.reference import Precomputed, choose_reference
+from r1tune.train.stages import lifecycle
+from r1tune.ui import console, print_metric_comparison
+
+
+def run_preference(cfg: RunConfig) -> TrainResult | None:
+    run = lifecycle.prepare(cfg)
+    if run is None:
+        return None
+    lifecycle.build_model(run)
+    if cfg.stage == "kto":  # each example gets its mismatched row for the KL estimate
+        run.data.train = with_mismatched(run.data.train, cfg.cutoff_len)
+        run.data.val = with_mismatched(run.data.val, cfg.cutoff_len) if run.data.val else []
+    stage, reference = make_stage(run)
+    engine = lifecycle.make_engine(run, stage, lifecycle.standard_callbacks(run))
+    if isinstance(reference, Precomputed):
+        reference.compute(run.model, stage, list(run.data.train) + list(run.data.val),
+                          cfg.per_device_eval_batch_size, engine.micro_tokens, engine.autocast)
+    lifecycle.start(run, engine)
+    before = engine.evaluate() if run.data.val and run.resume is None else None
+    result = engine.fit()
+    after = result.eval_metrics or (engine.evaluate() if run.data.val else {})
+    if cfg.stage == "rm":
+        _save_head(run)
+    lifecycle.finish(run, result, before, after)
+    print_metric_comparison(before, after)
+    console.print(f"saved to {run.out} after {result.global_step} steps")
+    return result
+
+
+def make_stage(run):
+    """The stage's loss and (dpo / kto) its reference model, with the choice printed."""
+    cfg, model, pad = run.cfg, run.model, run.tokenizer.pad_token_id
+    if cfg.stage == "rm":
+        model.add_module("v_head", ValueHead(model.config.hidden_size))
+        return RewardModelLoss(model, pad, cfg.chunked_loss, model.v_head), None
+    reference = None
+    if cfg.stage == "kto" or cfg.pref_loss not in ("orpo", "simpo"):
+        reference, why = choose_reference(model, cfg, fresh_adapter(cfg))
+        console.print(f"reference model: {why}")
+    if cfg.stage == "kto":
+        return KTOLoss(model, pad, cfg.chunked_loss, reference, cfg.pref_beta, cfg.kto_chosen_weight,
+                       cfg.kto_rejected_weight), reference
+    return DPOLoss(model, pad, cfg.chunked_loss, reference, cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx,
+                   cfg.simpo_gamma, cfg.dpo_label_smoothing), reference
+
+
+def fresh_adapter(cfg: RunConfig) -> bool:
+    """A new LoRA-family adapter on the (possibly merged) base: switching it off gives the starting policy."""
+    continued = cfg.adapter_name_or_path and not cfg.create_new_adapter
+    return cfg.finetuning_type in ("lora", "adalora") and not cfg.pissa_init and not continued
+
+
+def _save_head(run) -> None:
+    """value_head.safetensors beside the final adapter/model; the head leaves the model before its save."""
+    head = run.model.v_head
+    del run.model.v_head
+    if is_main():
+        run.out.mkdir(parents=True, exist_ok=True)
+        console.print(f"value head: {save_value_head(head, run.out)}")
