@@ -59,7 +59,7 @@ def main() -> int:
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
-    from r1tune.evaluation.generate import generate_texts
+    from r1tune.models.generate import generate_texts
     from r1tune.models.loading import load_model
     from r1tune.models.tiny import build_tiny
 
