@@ -199,7 +199,7 @@ def _lcs_length(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
-def _rouge_l_f1(prediction: str, reference: str) -> float:
+def rouge_l_f1(prediction: str, reference: str) -> float:
     hyp, ref = tokenize_for_metrics(prediction), tokenize_for_metrics(reference)
     lcs = _lcs_length(ref, hyp)
     if lcs == 0:  # also covers an empty side, scored 0 like rouge-score
@@ -217,7 +217,7 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     _check_pairs(predictions, references)
     if not predictions:
         return 0.0
-    return sum(map(_rouge_l_f1, predictions, references)) / len(predictions)
+    return sum(map(rouge_l_f1, predictions, references)) / len(predictions)
 
 
 def _normalise(text: str) -> str:

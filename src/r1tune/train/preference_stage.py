@@ -17,7 +17,7 @@ from torch import nn
 from r1tune.models.attention import mask_format
 from r1tune.train import batching
 from r1tune.train.pref_losses import (REFERENCE_FREE, kto_kl, kto_loss, kto_reward_metrics, pairwise_rm_loss,
-                                      preference_loss, reward_metrics)
+                                      preference_loss, reward_metrics, sft_loss)
 from r1tune.train.sequence_scores import SequenceScorer, last_token_states
 from r1tune.train.stage_loss import StageLoss, Stats, add_stats
 
@@ -103,6 +103,10 @@ class DPOLoss(_RowsStage):
         out = preference_loss(self.kind, logps[:n], logps[n:], *((ref[:n], ref[n:]) if ref is not None else (None, None)),
                               counts[:n], counts[n:], self.beta, self.ftx, self.gamma, self.smoothing)
         stats = _pair_stats(out.chosen_rewards, out.rejected_rewards)
+        # what the policy itself prefers, by mean log-probability per token: about chance before
+        # training (rewards/accuracies is 0 then: every reward is 0 while policy = reference)
+        chosen_avg, rejected_avg = logps[:n] / counts[:n].clamp(min=1), logps[n:] / counts[n:].clamp(min=1)
+        stats["choice_accuracy"] = (float((chosen_avg > rejected_avg).sum()), n)
         stats["logps/chosen"] = (float(logps[:n].detach().sum()), n)
         stats["logps/rejected"] = (float(logps[n:].detach().sum()), n)
         return out.losses.sum(), stats
@@ -133,9 +137,9 @@ class KTOLoss(_RowsStage):
     other answer) rows whose log-ratio estimates the reference point z0 (kto_kl)."""
 
     def __init__(self, model, pad_id: int, chunked: bool | None, reference, beta: float, chosen_weight: float,
-                 rejected_weight: float):
+                 rejected_weight: float, ftx: float = 0.0):
         super().__init__(model, pad_id, chunked, reference)
-        self.beta, self.weights = beta, (chosen_weight, rejected_weight)
+        self.beta, self.weights, self.ftx = beta, (chosen_weight, rejected_weight), ftx
 
     def collate(self, items: list) -> dict:
         batch = super().collate(items)
@@ -144,10 +148,12 @@ class KTOLoss(_RowsStage):
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, Stats]:
         n = int(batch["n_items"])
-        logps, _ = self.scorer.logps(batch)
+        logps, counts = self.scorer.logps(batch)
         ref = self.reference.logps(model, self.scorer, batch)
         kl = kto_kl(logps[n:].detach(), ref[n:])
         losses, rewards = kto_loss(logps[:n], ref[:n], batch["desirable"], kl, self.beta, *self.weights)
+        if self.ftx:  # pref_ftx: the SFT term on desirable answers only (as LLaMA-Factory's KTO)
+            losses = losses + self.ftx * sft_loss(logps[:n], counts[:n]) * batch["desirable"]
         sums = kto_reward_metrics(rewards, batch["desirable"])
         stats = {"rewards/chosen": (sums["rewards/chosen"], int(sums["count/chosen"])),
                  "rewards/rejected": (sums["rewards/rejected"], int(sums["count/rejected"])),

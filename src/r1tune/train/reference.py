@@ -47,6 +47,9 @@ class FrozenCopy(Reference):
 
     @torch.no_grad()
     def logps(self, model, scorer: SequenceScorer, batch: dict) -> torch.Tensor:
+        device = batch["input_ids"].device
+        if next(self.model.parameters()).device != device:  # copied before the engine moved the policy
+            self.model.to(device)
         return self.scorer.logps(batch)[0]
 
 

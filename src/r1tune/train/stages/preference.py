@@ -13,6 +13,7 @@ from r1tune.train.engine import TrainResult
 from r1tune.train.preference_stage import DPOLoss, KTOLoss, RewardModelLoss
 from r1tune.train.reference import Precomputed, choose_reference
 from r1tune.train.stages import lifecycle
+from r1tune.train.style_shift import style_shift
 from r1tune.ui import console, print_metric_comparison
 
 
@@ -30,15 +31,33 @@ def run_preference(cfg: RunConfig) -> TrainResult | None:
         reference.compute(run.model, stage, list(run.data.train) + list(run.data.val),
                           cfg.per_device_eval_batch_size, engine.micro_tokens, engine.autocast)
     lifecycle.start(run, engine)
-    before = engine.evaluate() if run.data.val and run.resume is None else None
+    before = _measure(run, engine) if run.resume is None else None
     result = engine.fit()
-    after = result.eval_metrics or (engine.evaluate() if run.data.val else {})
+    after = _measure(run, engine, result.eval_metrics)
     if cfg.stage == "rm":
         _save_head(run)
-    lifecycle.finish(run, result, before, after)
-    print_metric_comparison(before, after)
+    lifecycle.finish(run, result, _plain(before), _plain(after))
+    print_metric_comparison(_plain(before), _plain(after))
+    if after.get("sample"):
+        console.print(f"sample after training: {after['sample'][0]!r} → {after['sample'][1]!r}")
     console.print(f"saved to {run.out} after {result.global_step} steps")
     return result
+
+
+def _measure(run, engine, metrics: dict | None = None) -> dict:
+    """Held-out metrics (the engine's last evaluation when given), and for dpo with
+    eval_generate_samples how often generated answers are closer to the chosen style."""
+    cfg = run.cfg
+    scores = dict(metrics or (engine.evaluate() if run.data.val else {}))
+    pairs = [s for s in run.data.val_samples if s.kind == "preference"][: cfg.eval_generate_samples]
+    if cfg.stage == "dpo" and pairs:
+        scores.update(style_shift(run.model, run.tokenizer, pairs, cfg.max_new_tokens, cfg.empty_think,
+                                  cfg.per_device_eval_batch_size))
+    return scores
+
+
+def _plain(scores: dict | None) -> dict | None:
+    return None if scores is None else {k: v for k, v in scores.items() if k != "sample"}
 
 
 def make_stage(run):
@@ -53,7 +72,7 @@ def make_stage(run):
         console.print(f"reference model: {why}")
     if cfg.stage == "kto":
         return KTOLoss(model, pad, cfg.chunked_loss, reference, cfg.pref_beta, cfg.kto_chosen_weight,
-                       cfg.kto_rejected_weight), reference
+                       cfg.kto_rejected_weight, cfg.pref_ftx), reference
     return DPOLoss(model, pad, cfg.chunked_loss, reference, cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx,
                    cfg.simpo_gamma, cfg.dpo_label_smoothing), reference
 
