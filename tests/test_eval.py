@@ -149,3 +149,27 @@ def test_encoding_ignores_a_padding_tokenizer(tokenizer):
         tokenizer.backend_tokenizer.no_padding()
     assert [(e.input_ids, e.labels) for e in padded[0]] == [(e.input_ids, e.labels) for e in plain[0]]
     assert [e.input_ids for e in padded[1]] == [e.input_ids for e in plain[1]]
+
+
+def test_a_dpo_run_is_scored_against_the_chosen_answers(tiny_qwen, tmp_path):
+    """Held-out preference pairs: generation is compared with the chosen answer, perplexity is the chosen row's
+    (it used to stop with a traceback: the pairs went to the perplexity batches as they are)."""
+    from r1tune.train.stages.registry import run_stage
+    from tests.conftest import write_jsonl
+
+    pairs = [{"instruction": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "No idea."}
+             for a in range(1, 5) for b in range(1, 4)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    keys = dict(stage="dpo", max_steps=1, val_size=4, bf16=False, max_new_tokens=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_stage(make_cfg(tiny_qwen, data, tmp_path / "out", **keys))
+    finally:
+        torch.set_num_threads(threads)
+    assert run_eval(make_cfg(tiny_qwen, data, tmp_path / "out", **keys, eval_compare_base=False)) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "eval" / "predictions_tuned.jsonl").read_text().splitlines()]
+    chosen = {p["instruction"]: p["chosen"] for p in pairs}
+    assert len(rows) == 4 and all(r["reference"] == chosen[r["question"]] for r in rows)
+    report = json.loads((tmp_path / "out" / "eval" / "eval_report.json").read_text())
+    assert report["tuned"]["perplexity"] > 1.0

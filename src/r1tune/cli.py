@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "virtual tokens, bottleneck adapters, freeze, full, MoE expert selection).", cmd_train,
             "YAML run file (keys: docs/config.md)")
     add_run("eval", "Score the trained model (and the base) on held-out data: perplexity, BLEU-4, ROUGE-L, "
-                    "exact match, accuracy, F1, robustness, multiple choice; exit 1 when a threshold fails.", cmd_eval)
+                    "exact match, accuracy, F1, robustness, multiple choice (a stage rm reward model: "
+                    "rewards/accuracies, rewards/margins, each answer's score); exit 1 when a threshold fails.",
+            cmd_eval)
     add_run("export", "Merge the trained adapter (or adapter_name_or_path's adapters) into its base and save a plain "
                       "transformers model (sharded safetensors, tokenizer, model card); exit 1 if its logits "
                       "differ from the unmerged model.", cmd_export,

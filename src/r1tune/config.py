@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from r1tune.errors import UserError, did_you_mean
+from r1tune.process import is_main
 from r1tune.stages import STAGES, stage_data
 
 # Keys other tools accept that change nothing in an r1tune run; accepted with a notice
@@ -169,7 +170,7 @@ class DataArgs(_Section):
     long_samples: Literal["auto", "truncate", "chunk"] = Field(
         "auto", description="Samples longer than cutoff_len: 'truncate', or 'chunk' into sliding windows of cutoff_len tokens (each token trained once); 'auto' chunks pretraining text and truncates conversations.")
     chunk_overlap: int = Field(0, ge=0, description="Tokens each window repeats from the previous one as context when chunking (must be less than half of cutoff_len).")
-    packing: bool = Field(False, description="Pack several samples into each row of up to cutoff_len tokens; attention stays inside each sample (block-diagonal mask, positions restart).")
+    packing: bool = Field(False, description="Pack several samples into each row of up to cutoff_len tokens; attention stays inside each sample (block-diagonal mask, positions restart). Stages sft and pt; dpo, kto and rm score each row as a whole sequence and refuse it.")
     neat_packing: bool = Field(False, description="LLaMA-Factory's name for contamination-free packing; same as packing (r1tune never lets packed samples attend to each other).")
     data_cache: bool = Field(True, description="Cache tokenized data on disk (memory-mapped), keyed by a hash of the data files, tokenizer, template and data options; a rerun with the same key skips tokenization.")
     data_cache_dir: Optional[str] = Field(None, description="Where the tokenized cache lives; empty uses $R1TUNE_CACHE/data or ~/.cache/r1tune/data.")
@@ -261,10 +262,10 @@ class EvalArgs(_Section):
 
 
 class EvalCommandArgs(_Section):
-    """r1tune eval: scoring the trained model on held-out data, multiple choice and perturbed prompts, with its generation settings."""
+    """r1tune eval: scoring the trained model on held-out data, multiple choice and perturbed prompts, with its generation settings (a reward model's value head scores pairs and answers instead; docs/eval.md)."""
 
     eval_max_samples: Optional[int] = Field(200, ge=1, description="r1tune eval: score at most this many held-out conversations (eval_dataset, or the val_size split of dataset).")
-    eval_compare_base: bool = Field(True, description="r1tune eval: also score the base model on the same prompts and report the differences.")
+    eval_compare_base: bool = Field(True, description="r1tune eval: also score the base model on the same prompts and report the differences (not for a reward model, whose value head the base lacks).")
     do_sample: bool = Field(False, description="Generation: sample instead of greedy decoding.")
     temperature: float = Field(0.7, gt=0.0, description="Generation: sampling temperature (with do_sample).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Generation: nucleus sampling share (with do_sample).")
@@ -424,6 +425,10 @@ def _data_problems(cfg: RunConfig) -> Iterator[str]:
     if cfg.augment_options().enabled() and (cfg.use_packing or cfg.long_samples == "chunk" or stage_data(cfg.stage).reads_text):
         yield ("augmentation re-encodes samples every epoch and works with truncated conversations only; "
                "turn off packing / long_samples: chunk (or the augment_* keys)")
+    if cfg.use_packing and not stage_data(cfg.stage).packs:
+        key = "packing" if cfg.packing else "neat_packing"
+        yield (f"'{key}' cannot be used with stage '{cfg.stage}': each example is {stage_data(cfg.stage).rows}, "
+               f"each scored as a whole sequence, not samples to join into shared rows; remove '{key}'")
     if cfg.balance_classes and cfg.use_packing:
         yield "'balance_classes' re-draws samples every epoch and cannot be combined with packing; turn one off"
 
@@ -489,7 +494,7 @@ def _other_method_problems(cfg: RunConfig, source: str) -> Iterator[str]:
                 if key in WHAT_TRAINS_KEYS:
                     yield f"{what}; remove '{key}' or change finetuning_type"
                 else:
-                    print(f"note: {source}: {what}; it has no effect", file=sys.stderr)
+                    note(f"{source}: {what}; it has no effect")
 
 
 def _adapter_problems(cfg: RunConfig) -> Iterator[str]:
@@ -534,8 +539,7 @@ def stage_option_problems(cfg: RunConfig, source: str = "config") -> Iterator[st
     for key in dict.fromkeys(k for keys in STAGE_KEYS.values() for k in keys):  # each key once, in order
         owners = stage_owners(key)
         if key in cfg.model_fields_set and cfg.stage not in owners and getattr(cfg, key) is not None:
-            print(f"note: {source}: '{key}' applies to stage {' / '.join(owners)}, not '{cfg.stage}'; "
-                  "it has no effect", file=sys.stderr)
+            note(f"{source}: '{key}' applies to stage {' / '.join(owners)}, not '{cfg.stage}'; it has no effect")
     if cfg.dpo_label_smoothing > 0 and cfg.pref_loss != "sigmoid":
         yield (f"'dpo_label_smoothing' (cDPO) works with pref_loss sigmoid only, not '{cfg.pref_loss}'; "
                "set it to 0 or use pref_loss: sigmoid")
@@ -666,7 +670,7 @@ def _screen_keys(raw: dict, source: str) -> list[Problem]:
         elif key in known:
             continue
         elif key in NO_EFFECT_KEYS:
-            print(f"note: {source}: ignoring '{key}' ({NO_EFFECT_KEYS[key]})", file=sys.stderr)
+            note(f"{source}: ignoring '{key}' ({NO_EFFECT_KEYS[key]})")
         else:
             hint = did_you_mean(key, known) or " — see docs/config.md for every key"
             problems.append(Problem(key, f"unknown key '{key}'{hint}", f"unknown key '{key}' in {source}{hint}"))
@@ -736,6 +740,12 @@ def _parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(value)
     except yaml.YAMLError:
         return key.strip(), value  # not YAML: keep the text as given
+
+
+def note(line: str) -> None:
+    """A notice on stderr, from the main process only (every process of a multi-process run reads the config)."""
+    if is_main():
+        print(f"note: {line}", file=sys.stderr)
 
 
 def missing_key_message(source: str, key: str) -> str:

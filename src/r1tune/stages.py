@@ -26,6 +26,17 @@ class StageData:
     description: str
     cached: bool = True  # its examples fit the tokenized cache (pairs are encoded in memory)
     saves: str = "the adapter or model"  # what output_dir gets besides logs
+    rows: str = ""  # what each example is when it is several rows, each scored as a whole sequence ("": one row)
+
+    @property
+    def packs(self) -> bool:
+        """Whether `packing` may join its examples into shared rows: not when each example is rows scored whole."""
+        return not self.rows
+
+    @property
+    def reads_one_kind(self) -> bool:
+        """Every record is read as the one kind the stage trains on, so a missing field is named."""
+        return len(self.kinds) == 1
 
 
 STAGES = {
@@ -35,12 +46,15 @@ STAGES = {
                     description="continued pretraining on plain text, every token trained"),
     "dpo": StageData("dpo", ("preference",), reads_text=False, needs_template=True, long_samples="truncate",
                      description="preference optimisation on chosen/rejected pairs (pref_loss: sigmoid DPO, hinge, "
-                                 "ipo, orpo, simpo)", cached=False),
+                                 "ipo, orpo, simpo)", cached=False,
+                     rows="a chosen and a rejected row"),
     "kto": StageData("kto", ("kto",), reads_text=False, needs_template=True, long_samples="truncate",
-                     description="KTO on single answers labelled desirable or not (kto_tag)"),
+                     description="KTO on single answers labelled desirable or not (kto_tag)",
+                     rows="an answer row and its mismatched row (for the KL estimate)"),
     "rm": StageData("rm", ("preference",), reads_text=False, needs_template=True, long_samples="truncate",
                     description="a pairwise reward model: a value head scores answers, chosen above rejected",
-                    cached=False, saves="the adapter or model and value_head.safetensors"),
+                    cached=False, saves="the adapter or model and value_head.safetensors",
+                    rows="a chosen and a rejected row"),
 }
 
 

@@ -29,6 +29,7 @@ from r1tune.data.registry import resolve_datasets
 from r1tune.data.store import ExampleStore, StoreWriter
 from r1tune.errors import UserError
 from r1tune.fileio import atomic_folder
+from r1tune.process import is_main
 
 FORMAT_VERSION = 2
 KEY_OPTIONS = ("stage", "dataset", "eval_dataset", "dataset_dir", "cutoff_len", "max_samples", "mix_strategy",
@@ -112,7 +113,7 @@ def _build(cfg, tokenizer, folder: Path) -> None:
         open_train, val_samples = _split_streams(cfg, report)
         train_stream = open_train(report.skipped if cfg.on_bad_record == "skip" else None)
         with StoreWriter(tmp, "train") as writer, \
-                tqdm(desc="tokenizing", unit=" records", leave=False, disable=None) as bar:
+                tqdm(desc="tokenizing", unit=" records", leave=False, disable=None if is_main() else True) as bar:
             for examples, part in _encoded_chunks(tokenizer, _chunks(train_stream), cfg):
                 writer.add(examples)
                 report.merge(part)

@@ -19,6 +19,7 @@ from r1tune.data.leakage import Leakage
 from r1tune.data.readers import read_records
 from r1tune.data.registry import resolve_datasets
 from r1tune.errors import UserError
+from r1tune.process import is_main
 from r1tune.stages import stage_data, wrong_kind_message
 from r1tune.fileio import write_text_atomic
 
@@ -325,7 +326,8 @@ def _token_count(example: Example | PairExample) -> int:
 def encode_all(tokenizer, samples: list[Sample], cfg, report: DataReport) -> tuple[list[Example], list[Sample]]:
     """encode_chunk over all samples, with a progress bar for large sets."""
     examples, kept = [], []
-    with tqdm(total=len(samples), desc="tokenizing", disable=len(samples) < 5000, leave=False) as bar:
+    with tqdm(total=len(samples), desc="tokenizing", disable=len(samples) < 5000 or not is_main(),
+              leave=False) as bar:
         for start in range(0, len(samples), CHUNK):
             chunk_examples, chunk_kept = encode_chunk(tokenizer, samples[start:start + CHUNK], cfg, report)
             examples += chunk_examples

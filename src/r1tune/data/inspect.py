@@ -19,8 +19,10 @@ def read_all(cfg) -> tuple[list[Sample], list[str]]:
     """Every record of `dataset` (and `eval_dataset`) of any kind, with the reasons of skipped ones."""
     report = DataReport()
     skipped = report.skipped if cfg.on_bad_record == "skip" else None
-    # a stage that reads every record as text shows them so; otherwise every kind is shown as itself
-    common = dict(skipped=skipped, seed=cfg.seed, stage=cfg.stage if stage_data(cfg.stage).reads_text else None)
+    # a stage that reads every record as one kind (pt: text; dpo and rm: pairs; kto: tagged answers) shows
+    # them as it trains on them, and stops at a bad record as training does; sft shows every kind as itself
+    stage = stage_data(cfg.stage)
+    common = dict(skipped=skipped, seed=cfg.seed, stage=cfg.stage if stage.reads_text or stage.reads_one_kind else None)
     samples = load_samples(cfg.dataset, cfg.dataset_dir, cfg.max_samples, mix_strategy=cfg.mix_strategy,
                            interleave_probs=cfg.interleave_probs, **common)
     if cfg.eval_dataset:
@@ -29,21 +31,31 @@ def read_all(cfg) -> tuple[list[Sample], list[str]]:
 
 
 def encoded_views(tokenizer, sample: Sample, empty_think: str) -> dict[str, Example]:
-    """The untruncated examples of a sample: one, or 'chosen' and 'rejected' for a preference pair."""
-    example = encode_sample(tokenizer, sample, empty_think)
+    """The untruncated rows of a sample as its stage encodes them: 'chosen' and 'rejected' for a preference
+    pair (the final answer trained), 'answer' for a KTO record (its kto_tag is the sample's label), else one."""
+    return _views(sample, encode_sample(tokenizer, sample, empty_think))
+
+
+def _views(sample: Sample, example: Example | PairExample) -> dict[str, Example]:
     if isinstance(example, PairExample):
         return {"chosen": example.chosen, "rejected": example.rejected}
-    return {"sample": example}
+    return {"answer" if sample.kind == "kto" else "sample": example}
 
 
 def compute_stats(cfg, tokenizer) -> DataStats:
+    """Lengths are untruncated tokens per record (a pair: its longer row, which cutoff_len and batching
+    see), per-row lengths of pairs under 'chosen' and 'rejected', trained tokens within cutoff_len."""
     samples, skipped = read_all(cfg)
-    lengths, targets, report = [], [], DataReport()
+    lengths, targets, rows, report = [], [], {}, DataReport()
     for sample in samples:
-        example = next(iter(encoded_views(tokenizer, sample, cfg.empty_think).values()))
-        lengths.append(len(example.input_ids))
+        example = encode_sample(tokenizer, sample, cfg.empty_think)
+        views = _views(sample, example)
+        lengths.append(max(len(row.input_ids) for row in views.values()))
+        if isinstance(example, PairExample):
+            for name, row in views.items():
+                rows.setdefault(name, []).append(len(row.input_ids))
         targets.append(sum(p.num_targets for p in fit_to_window(example, cfg, report)))
-    return collect_stats(samples, lengths, targets, cfg.cutoff_len, skipped)
+    return collect_stats(samples, lengths, targets, cfg.cutoff_len, skipped, rows=rows)
 
 
 def print_stats(stats: DataStats) -> None:
@@ -61,8 +73,15 @@ def print_stats(stats: DataStats) -> None:
             ("empty answers", stats.empty_answers)]
     for label, n in rows:
         table.add_row(label, f"{n:,}")
+    if stats.kinds["preference"]:
+        table.add_row("pairs (chosen + rejected rows)", f"{stats.kinds['preference']:,}")
+    for view, lengths in stats.rows.items():
+        row = stats.length_summary(lengths)
+        table.add_row(f"{view} row tokens p50 / mean / max", f"{row['p50']:,.0f} / {row['mean']:,.0f} / {row['max']:,}")
     for label, n in stats.labels.most_common():
-        table.add_row(f"label {label!r}", f"{n:,} ({n / sum(stats.labels.values()):.1%})")
+        name = f"kto_tag {label} ({'desirable' if label == 'true' else 'undesirable'})" \
+            if stats.kinds["kto"] and label in ("true", "false") else f"label {label!r}"
+        table.add_row(name, f"{n:,} ({n / sum(stats.labels.values()):.1%})")
     if (share := stats.negative_share()) is not None:
         table.add_row("negative share", f"{share:.1%}")
     for reason, n in stats.skipped.items():
@@ -73,12 +92,13 @@ def print_stats(stats: DataStats) -> None:
 
 
 def preview_rows(cfg, tokenizer, count: int) -> list[dict]:
-    """The first `count` samples as rendered text, token ids and labels (as training sees them)."""
+    """The first `count` samples as rendered text, token ids and labels (as training sees them); `label` is
+    the record's class label or KTO tag ("true": desirable), else None."""
     samples, _ = read_all(cfg)
     rows = []
     for sample in samples[:count]:
         for name, example in encoded_views(tokenizer, sample, cfg.empty_think).items():
-            rows.append({"where": sample.where, "kind": sample.kind, "view": name,
+            rows.append({"where": sample.where, "kind": sample.kind, "view": name, "label": sample.label,
                          "input_ids": example.input_ids, "labels": example.labels,
                          "trained_tokens": example.num_targets, "over_cutoff": len(example.input_ids) > cfg.cutoff_len})
     return rows
@@ -87,8 +107,10 @@ def preview_rows(cfg, tokenizer, count: int) -> list[dict]:
 def print_preview(rows: list[dict], tokenizer, plain: bool) -> None:
     """Each sample's text with trained spans highlighted (green) or, in plain mode, wrapped in ⟦ ⟧."""
     for row in rows:
-        title = f"{row['where']} ({row['kind']}{'' if row['view'] == 'sample' else ', ' + row['view']}): " \
-                f"{len(row['input_ids'])} tokens, {row['trained_tokens']} trained"
+        view = "" if row["view"] == "sample" else f", {row['view']}"
+        tag = f", kto_tag {row['label']}" if row["kind"] == "kto" else ""
+        title = f"{row['where']} ({row['kind']}{view}{tag}): {len(row['input_ids'])} tokens, " \
+                f"{row['trained_tokens']} trained"
         console.rule(title)
         text = Text()
         for trained, ids in _runs(row["input_ids"], row["labels"]):

@@ -39,13 +39,15 @@ class DataStats:
     labels: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
+    rows: dict[str, list[int]] = field(default_factory=dict)  # preference pairs: untruncated tokens of each row
 
     @property
     def count(self) -> int:
         return sum(self.kinds.values())
 
-    def length_summary(self) -> dict[str, float]:
-        arr = np.asarray(self.lengths or [0])
+    def length_summary(self, lengths: list[int] | None = None) -> dict[str, float]:
+        """min, mean, max, percentiles and spread of `lengths` (default: every record's)."""
+        arr = np.asarray((self.lengths if lengths is None else lengths) or [0])
         summary = {"min": int(arr.min()), "mean": float(arr.mean()), "max": int(arr.max())}
         summary.update({f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES})
         summary["spread"] = summary["p95"] - summary["p5"]
@@ -60,7 +62,8 @@ class DataStats:
                 "cutoff_len": self.cutoff_len, "over_cutoff": self.over_cutoff,
                 "dropped_at_cutoff": self.dropped_at_cutoff, "empty_answers": self.empty_answers,
                 "exact_duplicates": self.exact_duplicates, "near_duplicates": self.near_duplicates,
-                "repeated_prompts": self.repeated_prompts,
+                "repeated_prompts": self.repeated_prompts, "pairs": self.kinds["preference"],
+                "rows": {view: self.length_summary(lengths) for view, lengths in self.rows.items()},
                 "labels": dict(self.labels), "negative_share": self.negative_share(),
                 "skipped": dict(self.skipped), "warnings": self.warnings}
 
@@ -81,9 +84,12 @@ def has_empty_answer(sample: Sample) -> bool:
 
 
 def collect_stats(samples: list[Sample], lengths: list[int], target_counts: list[int], cutoff_len: int,
-                  skipped_reasons: list[str] = (), near_threshold: float = 0.8) -> DataStats:
-    """Statistics of `samples` whose full token lengths and trained-token counts within cutoff_len are given."""
-    stats = DataStats(cutoff_len=cutoff_len, lengths=list(lengths), skipped=Counter(skipped_reasons))
+                  skipped_reasons: list[str] = (), near_threshold: float = 0.8,
+                  rows: dict[str, list[int]] | None = None) -> DataStats:
+    """Statistics of `samples` whose full token lengths and trained-token counts within cutoff_len are given
+    (a pair's length is its longer row; `rows`: each pair's chosen and rejected lengths)."""
+    stats = DataStats(cutoff_len=cutoff_len, lengths=list(lengths), skipped=Counter(skipped_reasons),
+                      rows={view: list(n) for view, n in (rows or {}).items()})
     stats.kinds = Counter(s.kind for s in samples)
     stats.over_cutoff = sum(n > cutoff_len for n in lengths)
     stats.dropped_at_cutoff = sum(t == 0 for t in target_counts)

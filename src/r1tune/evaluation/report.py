@@ -24,9 +24,10 @@ from r1tune.data.metrics import NotApplicable
 from r1tune.fileio import save_figure, write_text_atomic
 
 OPERATORS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
-THRESHOLD = re.compile(r"\s*([A-Za-z_][\w]*)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*")
+THRESHOLD = re.compile(r"\s*([A-Za-z_][\w/]*)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*")  # rewards/margins
 SHORT = {"f1_gain": "f1_macro_gain"}  # the issue's and users' short names
-UNBOUNDED = ("perplexity", "reasoning_tokens")  # not [0, 1] scores, even when their value falls in [0, 1]
+# not [0, 1] scores, even when their value falls in [0, 1]
+UNBOUNDED = ("perplexity", "reasoning_tokens", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/mean")
 
 
 @dataclass

@@ -5,6 +5,8 @@ Top to bottom: held-out conversations (eval_dataset, or the same val_size split 
 answers after `</think>` scored by BLEU-4 / ROUGE-L / exact match / accuracy / F1, reasoning
 length, optional robustness (perturbed prompts) and multiple-choice benchmark → predictions
 JSONL, report (JSON, Markdown, PNG) → PASS/FAIL per threshold; exit code 1 on any FAIL.
+A reward model (output_dir with value_head.safetensors, from `stage: rm`) is scored by its value head
+instead of generating (evaluation/reward.py), through the same report and thresholds.
 A metric that does not apply to the data is n/a with the reason (metrics.not_applicable), and a
 threshold on it FAILs. Each phase prints a line and, in a terminal, a progress bar (ui.progress).
 """
@@ -20,12 +22,13 @@ import torch
 
 from r1tune.config import RunConfig
 from r1tune.data.prepare import prepare_data
-from r1tune.data.encode import generation_prompt
+from r1tune.data.encode import PairExample, generation_prompt
 from r1tune.data.reasoning import split_reasoning
 from r1tune.data.templates import apply_template_choice
 from r1tune.errors import UserError
 from r1tune.data import metrics
 from r1tune.models.generate import answer_of, generate_texts, with_open_think
+from r1tune.evaluation.reward import evaluate_reward_model, is_reward_model
 from r1tune.evaluation.report import (derived, format_gain, gate_actual, judge, metric_rows, parse_thresholds,
                                       write_report)
 from r1tune.fileio import write_text_atomic
@@ -44,10 +47,24 @@ def run_eval(cfg: RunConfig) -> int:
     if not (tuned_dir / "r1tune_config.yaml").is_file():
         raise UserError(f"output_dir '{tuned_dir}' holds no trained model (no r1tune_config.yaml); "
                         "run 'r1tune train' with this config first, or point output_dir at a finished run")
+    out = Path(cfg.eval_output_dir or tuned_dir / "eval")
+    if is_reward_model(cfg, tuned_dir):  # a value head scores the held-out answers (evaluation/reward.py)
+        tuned, base = evaluate_reward_model(cfg, tuned_dir, out), None
+    else:
+        tuned, base = evaluate_generation(cfg, tuned_dir, out)
+    gains = derived(tuned, base)
+    judge(gates, tuned, gains, cfg.source)
+    paths = write_report(out, tuned, base, gains, gates)
+    print_summary(tuned, base, gains, gates)
+    console.print(f"report: {', '.join(str(p) for p in paths.values())}")
+    return 0 if all(g.passed for g in gates) else 1
+
+
+def evaluate_generation(cfg: RunConfig, tuned_dir: Path, out: Path) -> tuple[dict, dict | None]:
+    """The tuned model's (and unless eval_compare_base is false, the base's) scores on generated answers."""
     model, tokenizer = load_run(str(tuned_dir))
     apply_template_choice(tokenizer, cfg.template, cfg.source, needs_template=True)
     held_out = held_out_set(cfg, tokenizer)
-    out = Path(cfg.eval_output_dir or tuned_dir / "eval")
     out.mkdir(parents=True, exist_ok=True)
     tuned = score_model("tuned", model, tokenizer, held_out, cfg, out)
     base = None
@@ -55,12 +72,7 @@ def run_eval(cfg: RunConfig) -> int:
         del model
         base_model = load_model(resolve_model_path(cfg.model_name_or_path), torch.float32, cfg.trust_remote_code)
         base = score_model("base", base_model, tokenizer, held_out, cfg, out)
-    gains = derived(tuned, base)
-    judge(gates, tuned, gains, cfg.source)
-    paths = write_report(out, tuned, base, gains, gates)
-    print_summary(tuned, base, gains, gates)
-    console.print(f"report: {', '.join(str(p) for p in paths.values())}")
-    return 0 if all(g.passed for g in gates) else 1
+    return tuned, base
 
 
 class HeldOut:
@@ -77,11 +89,19 @@ def held_out_set(cfg: RunConfig, tokenizer) -> HeldOut:
         raise UserError(f"{cfg.source}: r1tune eval needs held-out data; set eval_dataset (a file) or val_size "
                         "(the same split training used)")
     data = prepare_data(cfg, tokenizer, say=lambda *a, **k: None)
-    pairs = [(s.messages, e) for s, e in zip(data.val_samples, data.val) if s.kind != "text"]
+    pairs = [_scored_conversation(s, e) for s, e in zip(data.val_samples, data.val) if s.kind != "text"]
     pairs = pairs[: cfg.eval_max_samples]
     if not pairs:
         raise UserError(f"{cfg.source}: the held-out data has no conversation to generate answers for")
     return HeldOut([c for c, _ in pairs], [e for _, e in pairs], tokenizer, cfg.empty_think)
+
+
+def _scored_conversation(sample, example) -> tuple[list, object]:
+    """(conversation, example): a preference pair (a dpo run's held-out data) is scored against its chosen
+    answer, its perplexity that of the chosen row."""
+    if isinstance(example, PairExample):
+        return sample.messages + [{"role": "assistant", "content": sample.chosen}], example.chosen
+    return sample.messages, example
 
 
 def score_model(name: str, model, tokenizer, held: HeldOut, cfg: RunConfig, out: Path) -> dict:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from r1tune.errors import UserError
 from r1tune.fileio import write_text_atomic
 from r1tune.models import experts as moe
+from r1tune.models.run_state import MethodState
 from r1tune.ui import console
 
 EXPERT_LOAD_FILE = "expert_load.json"
@@ -47,8 +48,9 @@ def wants_selection(cfg) -> bool:
     return any(getattr(cfg, k) is not None for k in ("expert_ids", "expert_domain", "expert_top_k"))
 
 
-def select_experts(model, cfg, data, pad_id: int, new_token_ids=()) -> ExpertRun | None:
-    """Restrict training to the configured experts (None when the config selects none)."""
+def select_experts(model, cfg, data, pad_id: int, new_token_ids=(),
+                   state: MethodState | None = None) -> ExpertRun | None:
+    """Restrict training to the configured experts (None when the config selects none); the masks go in `state`."""
     if not wants_selection(cfg):
         return None
     layers = moe.moe_layers(model)
@@ -60,7 +62,7 @@ def select_experts(model, cfg, data, pad_id: int, new_token_ids=()) -> ExpertRun
     before = moe.expert_load_table(counts, list(layers))
     _print_load("expert load before training", before)
     selection = _selection(cfg, layers, counts)
-    no_decay = moe.restrict_expert_training(model, selection, cfg.train_router)
+    no_decay = moe.restrict_expert_training(model, selection, cfg.train_router, state)
     if new_token_ids and not hasattr(model, "peft_config"):  # new rows start from a mean: they must train
         for layer in (model.get_input_embeddings(), model.get_output_embeddings()):
             layer.weight.requires_grad = True

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from r1tune.errors import UserError
+from r1tune.models.run_state import MethodState
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp$")
-_HOOK_ATTR = "_r1tune_expert_mask"  # the gradient-hook handle kept on a masked parameter
 
 
 def moe_layers(model: nn.Module) -> dict[int, nn.Module]:
@@ -171,22 +171,11 @@ def top_k_experts(counts: torch.Tensor, layer_ids, k: int) -> dict[int, list[int
     return {layer: order[row].tolist() for row, layer in enumerate(layer_ids)}
 
 
-def _freeze(param: nn.Parameter) -> None:
-    """requires_grad off, and any earlier mask of ours removed (restricting twice must not stack masks)."""
-    param.requires_grad = False
-    param.__dict__.pop("_r1tune_trained_share", None)
-    if (old := getattr(param, _HOOK_ATTR, None)) is not None:
-        old.remove()
-        delattr(param, _HOOK_ATTR)
-
-
-def _mask(param: nn.Parameter, keep: torch.Tensor) -> None:
-    """Train param with its gradient zeroed wherever keep is False."""
-    _freeze(param)
+def _mask(param: nn.Parameter, keep: torch.Tensor):
+    """Train param with its gradient zeroed wherever keep is False; returns the hook's handle."""
     param.requires_grad = True
     drop = ~keep.to(param.device)
-    setattr(param, _HOOK_ATTR, param.register_hook(lambda grad: grad.masked_fill(drop, 0)))
-    param._r1tune_trained_share = keep.float().mean().item()  # for the trainable-parameter count
+    return param.register_hook(lambda grad: grad.masked_fill(drop, 0))
 
 
 def _lora_wrappers(mlp: nn.Module) -> list[nn.Module]:
@@ -197,52 +186,59 @@ def _lora_wrappers(mlp: nn.Module) -> list[nn.Module]:
     return chain
 
 
-def _mask_lora(wrapper: nn.Module, selected: torch.Tensor) -> list[nn.Parameter]:
-    """Mask every active adapter's per-expert slices of lora_A rows and lora_B columns (layout above)."""
-    masked, experts = [], wrapper.num_experts
+def _lora_masks(wrapper: nn.Module, selected: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(param, keep) for every active adapter's per-expert slices of lora_A rows and lora_B columns (layout above)."""
+    masks, experts = [], wrapper.num_experts
     for name in [a for a in wrapper.active_adapters if a in wrapper.lora_A]:
         a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
         rank = a.shape[0] // experts
-        _mask(a, selected.repeat_interleave(rank)[:, None])  # row e*r + k belongs to expert e
-        _mask(b, selected.repeat(rank)[None, :])              # column k*E + e belongs to expert e
-        masked += [a, b]
-    return masked
+        masks.append((a, selected.repeat_interleave(rank)[:, None]))  # row e*r + k belongs to expert e
+        masks.append((b, selected.repeat(rank)[None, :]))              # column k*E + e belongs to expert e
+    return masks
 
 
-def restrict_expert_training(model: nn.Module, selection: dict[int, list[int]], train_router: bool = False) -> set[str]:
+def restrict_expert_training(model: nn.Module, selection: dict[int, list[int]], train_router: bool = False,
+                             state: MethodState | None = None) -> set[str]:
     """Train only the selected routed experts; returns the names of gradient-masked parameters.
 
     Plain model: everything else is frozen, and the selected layers' fused expert tensors train with
     the unselected experts' gradient slices zeroed. PEFT model: adapters outside the routed experts
     keep the requires_grad lora_target gave them; LoRA on the fused experts is masked per expert
     (or, where the experts carry no LoRA, the fused tensors are). Routers of the selected layers
-    train only when train_router; layers with no selection stay frozen."""
+    train only when train_router; layers with no selection stay frozen. The masks' hooks and trained
+    shares go into `state` (the run's record): restricting again with the same state replaces them."""
+    state = MethodState() if state is None else state
     layers = moe_layers(model)
     selection = {layer: _check_ids(list(ids), layer, layers, "expert_ids", "config", "the selection")
                  for layer, ids in selection.items()}
+    for name in list(state.expert_hooks):  # restricting twice must not stack masks
+        state.expert_hooks.pop(name).remove()
+        state.trained_share.pop(name, None)
     if not hasattr(model, "peft_config"):
         for param in model.parameters():
             param.requires_grad = False
-    masked: list[nn.Parameter] = []
+    masks: list[tuple[nn.Parameter, torch.Tensor]] = []
     for layer, mlp in layers.items():
         ids = selection.get(layer, [])
         wrappers, base = _lora_wrappers(mlp), _base_experts(mlp)
         for param in list(mlp.experts.parameters()) + list(mlp.gate.parameters()):
-            _freeze(param)
+            param.requires_grad = False
         if not ids:
             continue
         selected = torch.zeros(_n_experts(mlp), dtype=torch.bool)
         selected[ids] = True
         for wrapper in wrappers:
-            masked += _mask_lora(wrapper, selected)
+            masks += _lora_masks(wrapper, selected)
         if not wrappers:
-            for param in (base.gate_up_proj, base.down_proj):
-                _mask(param, selected[:, None, None])
-                masked.append(param)
+            masks += [(param, selected[:, None, None]) for param in (base.gate_up_proj, base.down_proj)]
         for param in mlp.gate.parameters():
             param.requires_grad = train_router
-    ids = {id(p) for p in masked}
-    return {name for name, param in model.named_parameters() if id(param) in ids}
+    names = {id(param): name for name, param in model.named_parameters()}
+    for param, keep in masks:
+        name = names[id(param)]
+        state.expert_hooks[name] = _mask(param, keep)
+        state.trained_share[name] = keep.float().mean().item()  # for the trainable-parameter count
+    return {names[id(param)] for param, _ in masks}
 
 
 def expert_load_table(counts: torch.Tensor, layer_ids) -> list[dict]:

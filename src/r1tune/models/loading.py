@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from r1tune.errors import UserError
 from r1tune.models.attention import use_fused_cpu_attention
+from r1tune.process import is_main
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -22,7 +24,8 @@ def ensure_tiny_model(path: str, arch: str | None) -> None:
     if arch and not Path(path).exists():
         from r1tune.models.tiny import build_tiny
 
-        print(f"building tiny {arch} model at {path} (offline, seeded)")
+        if is_main():
+            print(f"building tiny {arch} model at {path} (offline, seeded)")
         build_tiny(path, arch)
 
 
@@ -73,7 +76,8 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         if torch.cuda.is_available():  # bitsandbytes places quantized weights at load; the trainer does not move them
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with _bars_on_main_only():
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the model '{name}' ({_first_line(exc)}); check model_name_or_path") from None
     use_fused_cpu_attention(model)  # MLA: same numbers, a fraction of the attention memory on CPU
@@ -81,6 +85,21 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         flatten_int8_inputs(model)
         keep_4bit_layout(model)
     return model
+
+
+@contextmanager
+def _bars_on_main_only():
+    """transformers' progress bars ("Loading weights") off while another process than the main one loads."""
+    from transformers.utils import logging as hf_logging
+
+    if is_main() or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def read_adapter_base(folder: Path) -> str | None:

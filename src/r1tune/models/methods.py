@@ -28,6 +28,7 @@ from r1tune.models.adalora import adalora_config
 from r1tune.models.bottleneck import BottleneckConfig, attach_bottleneck
 from r1tune.models.expert_lora import EXPERT_PARAMS, use_lowrank_experts
 from r1tune.models.prompt_methods import PROMPT_TYPES, attach_prompt_method
+from r1tune.models.run_state import MethodState
 from r1tune.models.unfreeze import freeze_layers, layer_indices
 from r1tune.models.vocab import lora_token_training
 
@@ -145,8 +146,9 @@ def additional_modules(model: nn.Module, spec: str | None) -> list[str]:
     return words
 
 
-def attach_lora_method(model: nn.Module, cfg, new_token_ids=()):
-    """LoRA per cfg: variants, additional targets, continuing or stacking on existing adapters."""
+def attach_lora_method(model: nn.Module, cfg, new_token_ids=(), state: MethodState | None = None):
+    """LoRA per cfg: variants, additional targets, continuing or stacking on existing adapters.
+    PiSSA's start adapter goes in `state` (without one, nothing could convert the result on save)."""
     for param in model.parameters():
         param.requires_grad = False
     model, continued = apply_existing_adapters(model, cfg)
@@ -167,8 +169,8 @@ def attach_lora_method(model: nn.Module, cfg, new_token_ids=()):
             if any(name == w or name.endswith("." + w) for w in saved):
                 trained_rows.pop(name)
     model = attach_lora(model, cfg.lora_rank, cfg.effective_lora_alpha, cfg.lora_dropout, targets, extra)
-    if cfg.pissa_init:
-        remember_pissa_start(model)
+    if cfg.pissa_init and state is not None:
+        state.pissa_start = save_pissa_start(model)
     return model
 
 
@@ -212,23 +214,25 @@ def apply_existing_adapters(model: nn.Module, cfg):
     return load_lora(model, folders[-1], trainable=True), True
 
 
-def remember_pissa_start(model) -> None:
-    """Save PiSSA's starting adapter so the final one can be converted to plain LoRA on the original base."""
+def save_pissa_start(model) -> Path:
+    """PiSSA's starting adapter saved to a temp folder, so that the final one can be converted to plain
+    LoRA on the original base (save it with that folder; saving removes it)."""
     start = Path(tempfile.mkdtemp(prefix="r1tune-pissa-"))
     config = model.peft_config["default"]
     init, config.init_lora_weights = config.init_lora_weights, True  # saved as a plain LoRA start
     with exact_lora_targets():
         model.save_pretrained(start)
     config.init_lora_weights = init
-    model._r1tune_pissa_start = start
+    return start
 
 
 def attach_method(model: nn.Module, cfg, new_token_ids: list[int] = (), total_steps: int | None = None,
-                  model_path: str | None = None):
-    """Return the model ready to train under cfg.finetuning_type (new token rows trainable too)."""
+                  model_path: str | None = None, state: MethodState | None = None):
+    """Return the model ready to train under cfg.finetuning_type (new token rows trainable too);
+    what the rest of the run needs from the method goes in `state`."""
     kind = cfg.finetuning_type
     if kind == "lora":
-        model = attach_lora_method(model, cfg, new_token_ids)
+        model = attach_lora_method(model, cfg, new_token_ids, state)
     elif kind == "adalora":
         model = _attach_adalora(model, cfg, total_steps)
     elif kind in PROMPT_TYPES:
@@ -264,10 +268,11 @@ def _attach_adalora(model: nn.Module, cfg, total_steps: int | None):
         return get_peft_model(model, config)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) weights: 4-bit layers count their unpacked size; inside fused MoE tensors whose
-    gradients are masked per expert (expert-selective tuning) only the selected experts' share trains."""
-    trainable = sum(_trained_share(p) for p in model.parameters() if p.requires_grad)
+def count_parameters(model: nn.Module, trained_share: dict[str, float] | None = None) -> tuple[int, int]:
+    """(trainable, total) weights: 4-bit layers count their unpacked size; a parameter named in
+    trained_share (MethodState's: fused MoE tensors with gradients masked per expert) counts that share."""
+    share = trained_share or {}
+    trainable = sum(_unpacked_numel(p) * share.get(n, 1.0) for n, p in model.named_parameters() if p.requires_grad)
     total = sum(_unpacked_numel(p) for p in model.parameters())
     return round(trainable), total
 
@@ -277,11 +282,6 @@ def _unpacked_numel(param) -> int:
     return state.shape.numel() if state is not None and hasattr(state, "shape") else param.numel()
 
 
-def _trained_share(param) -> float:
-    share = getattr(param, "_r1tune_trained_share", 1.0)  # set by experts.restrict_expert_training
-    return _unpacked_numel(param) * share
-
-
-def describe_trainable(model: nn.Module) -> str:
-    trainable, total = count_parameters(model)
+def describe_trainable(model: nn.Module, trained_share: dict[str, float] | None = None) -> str:
+    trainable, total = count_parameters(model, trained_share)
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"

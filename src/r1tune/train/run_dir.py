@@ -63,8 +63,9 @@ def forget_after(out: Path, step: int) -> None:
             shutil.rmtree(newer)
 
 
-def save_model(model, folder: Path) -> None:
-    """The trained part: bottleneck adapters, a PEFT adapter (PiSSA converted to plain LoRA), or the model."""
+def save_model(model, folder: Path, pissa_start: Path | None = None) -> None:
+    """The trained part: bottleneck adapters, a PEFT adapter (PiSSA converted to plain LoRA from the
+    start adapter in pissa_start, which is then removed), or the model."""
     if has_bottleneck(model):
         save_bottleneck(model, folder)
         return
@@ -74,19 +75,18 @@ def save_model(model, folder: Path) -> None:
             return
         # new token rows live in the adapter; do not copy the whole embedding matrices in
         extra = {"save_embedding_layers": False}
-        start = getattr(model, "_r1tune_pissa_start", None)
-        if start:  # loadable (and mergeable) on the original base weights, by any PEFT user
-            extra["path_initial_model_for_weight_conversion"] = str(start)
+        if pissa_start:  # loadable (and mergeable) on the original base weights, by any PEFT user
+            extra["path_initial_model_for_weight_conversion"] = str(pissa_start)
         model.save_pretrained(folder, **extra)
-    if start:
-        shutil.rmtree(start, ignore_errors=True)
+    if pissa_start:
+        shutil.rmtree(pissa_start, ignore_errors=True)
 
 
-def save_final(model, tokenizer, cfg: RunConfig, out: Path) -> None:
+def save_final(model, tokenizer, cfg: RunConfig, out: Path, pissa_start: Path | None = None) -> None:
     """Adapter or full model + tokenizer + resolved config, each file moved into place atomically."""
     tmp = atomic_dir(out / "final")
     try:
-        save_model(model, tmp)
+        save_model(model, tmp, pissa_start)
         tokenizer.save_pretrained(tmp)
         (tmp / "r1tune_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         for item in tmp.iterdir():

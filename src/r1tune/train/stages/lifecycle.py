@@ -8,7 +8,7 @@ and after; this module does the rest the same way for all of them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from r1tune.models.expert_selection import select_experts
 from r1tune.models.loading import ensure_tiny_model, load_model, load_tokenizer, resolve_model_path
 from r1tune.models.methods import attach_method, describe_trainable
 from r1tune.models.quantize import quantization_config
+from r1tune.models.run_state import MethodState
 from r1tune.models.vocab import add_domain_tokens, read_token_file, resize_and_init
 from r1tune.process import is_main
 from r1tune.stages import stage_data
@@ -53,6 +54,7 @@ class Run:
     epochs: object  # epoch -> augmented examples, or None
     model: object = None
     experts: object = None
+    method: MethodState = field(default_factory=MethodState)  # what the method left for saving and counting
 
 
 def prepare(cfg: RunConfig) -> Run | None:
@@ -95,7 +97,7 @@ def add_configured_tokens(tokenizer, cfg: RunConfig) -> list[int]:
 
 
 def build_model(run: Run) -> None:
-    """The base model with the configured method attached (run.model, run.experts)."""
+    """The base model with the configured method attached (run.model, run.experts, run.method)."""
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
     quantization = quantization_config(cfg.quantization_bit, cfg.quantization_type, cfg.double_quantization,
@@ -104,9 +106,9 @@ def build_model(run: Run) -> None:
     resize_and_init(model, run.tokenizer, run.new_ids)
     for line in apply_regularisation(model, cfg):
         console.print(f"regularisation: {line}")
-    model = attach_method(model, cfg, run.new_ids, total_steps(cfg, len(run.data.train)), run.model_path)
-    run.experts = select_experts(model, cfg, run.data, run.tokenizer.pad_token_id, run.new_ids)
-    console.print(describe_trainable(model))
+    model = attach_method(model, cfg, run.new_ids, total_steps(cfg, len(run.data.train)), run.model_path, run.method)
+    run.experts = select_experts(model, cfg, run.data, run.tokenizer.pad_token_id, run.new_ids, run.method)
+    console.print(describe_trainable(model, run.method.trained_share))
     run.model = model
 
 
@@ -154,7 +156,7 @@ def finish(run: Run, result: TrainResult, before: dict | None, after: dict) -> N
     if not is_main():
         return
     cfg, out = run.cfg, run.out
-    save_final(run.model, run.tokenizer, cfg, out)
+    save_final(run.model, run.tokenizer, cfg, out, run.method.pissa_start)
     report_method(run.model, cfg, out, run.experts)
     results = {"before": before, "after": after, "global_step": result.global_step,
                "train_loss": result.last_loss, "train_runtime": result.train_runtime,
