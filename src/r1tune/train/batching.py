@@ -9,6 +9,7 @@ import torch
 
 from r1tune.data.encode import IGNORE, Example
 from r1tune.data.packing import example_lengths
+from r1tune.train.memory import token_activation_bytes
 from r1tune.train.sampling import balanced_order
 
 GROUP_WINDOW = 50  # batches per length-sorted window
@@ -109,13 +110,22 @@ def padded_width(longest: int, multiple: int = PAD_MULTIPLE) -> int:
 # On CPU, bigger matmuls are hardly faster: 512 tokens vs 1,024 cost 2-10 % of step time on a 20M Qwen2
 # and 9-12 % on the 20M DeepSeek-V3 (smaller expert groups; bench/micro_batch.py), and halve activations.
 CPU_MICRO_BATCH_TOKENS = 512
+# Narrower models get the same activation memory per micro-batch (whole multiples of 512 tokens, at most
+# 4,096): small matmuls are slow there, e.g. 25 DPO steps of bench/dpo_vs_trl.py's 3.8M Qwen2 took
+# 17.9 s at 1,536 tokens vs 22.9 s at 512, peak RSS 0.82 vs 0.75 GB (micro_batch_tokens set by hand).
+REFERENCE_TOKEN_BYTES = 322_560  # memory.token_activation_bytes of the 20M Qwen2 above (hidden 512, 6 layers)
+CPU_MICRO_BATCH_MAX_STEPS = 8
 
 
-def micro_batch_budget(setting: int | None, device_type: str) -> int:
+def micro_batch_budget(setting: int | None, device_type: str, config=None) -> int:
     """Padded tokens allowed per micro-batch; 0 means whole batches."""
     if setting is not None:
         return setting
-    return CPU_MICRO_BATCH_TOKENS if device_type == "cpu" else 0
+    if device_type != "cpu":
+        return 0
+    per_token = token_activation_bytes(config) if config is not None else 0
+    steps = int(REFERENCE_TOKEN_BYTES // per_token) if per_token else 1
+    return CPU_MICRO_BATCH_TOKENS * max(1, min(CPU_MICRO_BATCH_MAX_STEPS, steps))
 
 
 def split_by_tokens(batch: list[Example], budget: int, multiple: int = PAD_MULTIPLE) -> list[list[Example]]:

@@ -66,7 +66,7 @@ class Engine:
         self.device = pick_device()
         if not is_quantized(model):  # bitsandbytes places quantized weights itself
             self.model.to(self.device)
-        self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type)
+        self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type, model.config)
         self.plan = batching.BatchPlan(train, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
                                        cfg.seed, cfg.group_by_length, cfg.balance_classes, epoch_examples,
                                        self.micro_tokens, stage.lengths(train))

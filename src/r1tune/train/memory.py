@@ -6,7 +6,7 @@ So with `gradient_checkpointing` left empty r1tune estimates the activations the
 micro-batch keeps for the backward pass and turns checkpointing on only when they exceed
 the budget (`memory_budget_gb`, default half of the memory available at start). The largest
 micro-batch is the one left after cutting batches to `micro_batch_tokens` (batching.py),
-which on CPU already bounds activations to about 512 tokens' worth.
+which on CPU already bounds activations to about 512 tokens' worth of a 20M model.
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ ONEDNN_CACHE_SIZE = 32  # oneDNN's default is 1,024 primitives
 BYTES_PER_HIDDEN = 4 * 18  # fp32 tensors of width `hidden` saved per token and layer (projections, norms, MLP)
 
 
+def token_activation_bytes(config) -> int:
+    """Rough activation memory one token keeps for the backward pass, over all layers."""
+    hidden = getattr(config, "hidden_size", 0)
+    mlp = getattr(config, "intermediate_size", 4 * hidden)
+    return getattr(config, "num_hidden_layers", 0) * (BYTES_PER_HIDDEN * hidden + 4 * 3 * mlp)
+
+
 def activation_bytes(config, batch_size: int, seq_len: int) -> int:
     """Rough activation memory of one micro-batch: per-token tensors plus the attention matrices."""
-    hidden = getattr(config, "hidden_size", 0)
     layers = getattr(config, "num_hidden_layers", 0)
     heads = getattr(config, "num_attention_heads", 1)
-    mlp = getattr(config, "intermediate_size", 4 * hidden)
-    per_token = BYTES_PER_HIDDEN * hidden + 4 * 3 * mlp
     attention = 4 * 2 * heads * seq_len * seq_len  # scores and probabilities per sequence
-    return layers * batch_size * (seq_len * per_token + attention)
+    return batch_size * (seq_len * token_activation_bytes(config) + layers * attention)
 
 
 def budget_bytes(budget_gb: float | None) -> int:

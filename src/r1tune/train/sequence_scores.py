@@ -57,6 +57,7 @@ def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch
 
 
 def last_token_states(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(rows, dim): the hidden state of each row's last real token (rows are right-padded)."""
-    last = attention_mask.sum(dim=1) - 1
+    """(rows, dim): the hidden state of each row's last real token (rows are right-padded; prompt
+    tuning's virtual tokens, when present, come first)."""
+    last = attention_mask.sum(dim=1) - 1 + states.size(1) - attention_mask.size(1)
     return states[torch.arange(states.size(0), device=states.device), last]

@@ -5,6 +5,8 @@ rewards/margins, rewards/accuracies; KTO also kl)."""
 
 from __future__ import annotations
 
+import time
+
 from r1tune.config import RunConfig
 from r1tune.data.encode import with_mismatched
 from r1tune.models.value_head import ValueHead, save_value_head
@@ -27,12 +29,15 @@ def run_preference(cfg: RunConfig) -> TrainResult | None:
         run.data.val = with_mismatched(run.data.val, cfg.cutoff_len) if run.data.val else []
     stage, reference = make_stage(run)
     engine = lifecycle.make_engine(run, stage, lifecycle.standard_callbacks(run))
+    started = time.perf_counter()
     if isinstance(reference, Precomputed):
         reference.compute(run.model, stage, list(run.data.train) + list(run.data.val),
                           cfg.per_device_eval_batch_size, engine.micro_tokens, engine.autocast)
+    reference_seconds = time.perf_counter() - started
     lifecycle.start(run, engine)
     before = _measure(run, engine) if run.resume is None else None
     result = engine.fit()
+    result.train_runtime += reference_seconds  # the reference's pass is part of training's cost
     after = _measure(run, engine, result.eval_metrics)
     if cfg.stage == "rm":
         _save_head(run)
