@@ -292,3 +292,29 @@ def test_llamafactory_example_yaml_runs_unchanged(name, saves, tiny_qwen, tmp_pa
     if name.endswith("reward"):
         assert (out / "value_head.safetensors").is_file()
     assert yaml_path.read_bytes() == before
+
+
+# --- 7. evaluation-driven callbacks and stage-specific config checks ------------------------------
+
+def test_early_stopping_and_plateau_watch_a_reward_metric(tiny_qwen, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", arithmetic_pairs())
+    out = tmp_path / "out"
+    result = run_stage(make_cfg(tiny_qwen, data, out, stage="dpo", max_steps=4, val_size=8, eval_steps=1,
+                                bf16=False, metric_for_best_model="rewards/margins", early_stopping_patience=5,
+                                lr_plateau_patience=1))
+    assert result.global_step == 4
+    evals = [r for r in read_log(out) if r.get("split") == "eval"]
+    assert len(evals) >= 3 and all("rewards/margins" in r for r in evals)
+
+
+@pytest.mark.parametrize("keys, named", [
+    ({"metric_for_best_model": "perplexity"}, "'metric_for_best_model' is 'perplexity'"),
+    ({"generate_metrics_steps": 2}, "'generate_metrics_steps' is for sft and pt"),
+    ({"long_samples": "chunk"}, "'long_samples: chunk' cannot be used with stage 'dpo'"),
+    ({"packing": True}, "'packing' cannot be used with stage 'dpo'"),
+])
+def test_keys_a_pair_stage_cannot_honour_are_config_errors(keys, named, tiny_qwen, tmp_path):
+    from r1tune.errors import UserError
+
+    with pytest.raises(UserError, match=named.replace("(", r"\(")):
+        make_cfg(tiny_qwen, tmp_path / "pairs.jsonl", tmp_path / "out", stage="dpo", val_size=8, **keys)

@@ -27,6 +27,7 @@ class StageData:
     cached: bool = True  # its examples fit the tokenized cache (pairs are encoded in memory)
     saves: str = "the adapter or model"  # what output_dir gets besides logs
     rows: str = ""  # what each example is when it is several rows, each scored as a whole sequence ("": one row)
+    eval_metrics: tuple[str, ...] = ("loss", "perplexity")  # what its held-out evaluation reports
 
     @property
     def packs(self) -> bool:
@@ -39,6 +40,8 @@ class StageData:
         return len(self.kinds) == 1
 
 
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
 STAGES = {
     "sft": StageData("sft", ("chat", "cls"), reads_text=False, needs_template=True, long_samples="truncate",
                      description="supervised fine-tuning on conversations (and text+label classification records)"),
@@ -47,14 +50,15 @@ STAGES = {
     "dpo": StageData("dpo", ("preference",), reads_text=False, needs_template=True, long_samples="truncate",
                      description="preference optimisation on chosen/rejected pairs (pref_loss: sigmoid DPO, hinge, "
                                  "ipo, orpo, simpo)", cached=False,
-                     rows="a chosen and a rejected row"),
+                     rows="a chosen and a rejected row", eval_metrics=PAIR_METRICS + ("choice_accuracy",)),
     "kto": StageData("kto", ("kto",), reads_text=False, needs_template=True, long_samples="truncate",
                      description="KTO on single answers labelled desirable or not (kto_tag)",
-                     rows="an answer row and its mismatched row (for the KL estimate)"),
+                     rows="an answer row and its mismatched row (for the KL estimate)",
+                     eval_metrics=PAIR_METRICS + ("kl",)),
     "rm": StageData("rm", ("preference",), reads_text=False, needs_template=True, long_samples="truncate",
                     description="a pairwise reward model: a value head scores answers, chosen above rejected",
                     cached=False, saves="the adapter or model and value_head.safetensors",
-                    rows="a chosen and a rejected row"),
+                    rows="a chosen and a rejected row", eval_metrics=PAIR_METRICS + ("accuracy",)),
 }
 
 

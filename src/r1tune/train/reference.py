@@ -36,8 +36,13 @@ class Reference:
 class AdapterOff(Reference):
     @torch.no_grad()
     def logps(self, model, scorer: SequenceScorer, batch: dict) -> torch.Tensor:
-        with model.disable_adapter():
-            return scorer.logps(batch)[0]
+        training = model.training
+        model.eval()  # the starting policy without dropout, as the other two forms score it
+        try:
+            with model.disable_adapter():
+                return scorer.logps(batch)[0]
+        finally:
+            model.train(training)
 
 
 class FrozenCopy(Reference):

@@ -16,6 +16,7 @@ from r1tune.models.bottleneck import WEIGHTS as BOTTLENECK_WEIGHTS
 from r1tune.models.bottleneck import has_bottleneck, save_bottleneck
 from r1tune.models.expert_selection import EXPERT_LOAD_FILE
 from r1tune.models.methods import exact_lora_targets
+from r1tune.models.value_head import VALUE_HEAD_FILE
 from r1tune.train.checkpoint import list_checkpoints
 from r1tune.train.logs import truncate_log_after
 
@@ -23,7 +24,7 @@ FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.y
 RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "update_heatmap.png", "eval_results.json", "r1tune_config.yaml",
                  "skipped_records.jsonl", "adalora_ranks.json", "adalora_ranks.png", BOTTLENECK_CONFIG,
                  BOTTLENECK_WEIGHTS, EXPERT_LOAD_FILE,
-                 "adapter_model.safetensors", "adapter_config.json", "model.safetensors",
+                 "adapter_model.safetensors", "adapter_config.json", VALUE_HEAD_FILE, "model.safetensors",
                  "model.safetensors.index.json", "config.json", "generation_config.json")
 
 
