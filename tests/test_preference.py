@@ -124,6 +124,34 @@ def test_adapter_off_reference_equals_a_separate_base_model(tiny_qwen, tmp_path)
         assert torch.allclose(scorer.logps(batch)[0], adapter_on, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_score_as_unpacked(attn, tiny_qwen, tmp_path):
+    """Pair rows placed side by side (batching.collate_packed) keep each row's summed log-prob."""
+    from r1tune.data.prepare import prepare_data
+    from r1tune.models.attention import mask_format
+    from r1tune.models.loading import load_model, load_tokenizer
+    from r1tune.train import batching
+    from r1tune.train.sequence_scores import SequenceScorer
+
+    longer = arithmetic_pairs(rejected=lambda a, b: "I cannot say what that is, sorry, " * 3)
+    data = write_jsonl(tmp_path / "pairs.jsonl", longer)
+    cfg = make_cfg(tiny_qwen, data, tmp_path / "out", stage="dpo")
+    tokenizer = load_tokenizer(str(tiny_qwen))
+    items = prepare_data(cfg, tokenizer, say=lambda *a: None).train[:6]
+    model = load_model(str(tiny_qwen), attn_implementation=attn).eval()
+    rows = [i.rows[0] for i in items] + [i.rows[1] for i in items]
+    fmt = mask_format(model.config._attn_implementation)
+    plain = batching.collate(rows, tokenizer.pad_token_id, fmt)
+    packed = batching.collate_packed(rows, tokenizer.pad_token_id, fmt)
+    assert packed["input_ids"].shape[0] < plain["input_ids"].shape[0]  # the short rows really share
+    assert packed["row_ids"].max() == len(rows) - 1
+    scorer = SequenceScorer(model)
+    with torch.no_grad():
+        (a, a_n), (b, b_n) = scorer.logps(plain), scorer.logps(packed)
+    assert torch.equal(a_n, b_n)
+    assert torch.allclose(a, b, atol=1e-4, rtol=0), (a - b).abs().max()
+
+
 def test_full_finetuning_frozen_copy_equals_precomputed_reference(tiny_qwen, tmp_path):
     """The two references of full fine-tuning (a frozen copy scoring each batch, or log-probabilities
     computed once before training) are the same starting policy: identical runs."""

@@ -136,16 +136,18 @@ def test_split_by_tokens_keeps_every_example_within_budget():
     assert [len(p) for p in batching.split_by_tokens(batch, 1)] == [1] * 32  # never below one row
     assert batching.micro_batch_budget(None, "cpu") == 512 and batching.micro_batch_budget(None, "cuda") == 0
     assert batching.micro_batch_budget(4096, "cuda") == 4096
-    # narrower models get as much activation memory per micro-batch as 512 tokens of the 20M Qwen2
+    # smaller models get more tokens, in proportion to their matmul work per token (20M Qwen2: 512)
     from types import SimpleNamespace
     qwen_20m = SimpleNamespace(hidden_size=512, intermediate_size=1408, num_hidden_layers=6)
     assert batching.micro_batch_budget(None, "cpu", qwen_20m) == 512
     assert batching.micro_batch_budget(None, "cpu", SimpleNamespace(hidden_size=256, intermediate_size=704,
-                                                                     num_hidden_layers=4)) == 1536
+                                                                     num_hidden_layers=4)) == 3072
     assert batching.micro_batch_budget(None, "cpu", SimpleNamespace(hidden_size=64, intermediate_size=192,
                                                                      num_hidden_layers=2)) == 4096
     assert batching.micro_batch_budget(None, "cpu", SimpleNamespace(hidden_size=4096, intermediate_size=11008,
                                                                      num_hidden_layers=32)) == 512
+    ds_20m = SimpleNamespace(hidden_size=448, intermediate_size=896, num_hidden_layers=6)  # bench's 20M MoE
+    assert batching.micro_batch_budget(None, "cpu", ds_20m) == 512
     assert batching.micro_batch_budget(None, "cuda", qwen_20m) == 0
 
 

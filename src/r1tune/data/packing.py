@@ -102,7 +102,7 @@ class PackedRows(Sequence):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        return _join([self.examples[i] for i in self.groups[index]])
+        return join_examples([self.examples[i] for i in self.groups[index]])
 
     def lengths(self) -> list[int]:
         return self._lengths
@@ -113,7 +113,8 @@ def pack_examples(examples, capacity: int) -> PackedRows:
     return PackedRows(examples, pack_groups(example_lengths(examples), capacity))
 
 
-def _join(parts: list[Example]) -> Example:
+def join_examples(parts: list[Example]) -> Example:
+    """One row holding `parts` side by side; each part's first token is never a target."""
     ids, labels = [], []
     for part in parts:
         ids += part.input_ids

@@ -8,8 +8,7 @@ import random
 import torch
 
 from r1tune.data.encode import IGNORE, Example
-from r1tune.data.packing import example_lengths
-from r1tune.train.memory import token_activation_bytes
+from r1tune.data.packing import example_lengths, join_examples, pack_groups
 from r1tune.train.sampling import balanced_order
 
 GROUP_WINDOW = 50  # batches per length-sorted window
@@ -110,11 +109,22 @@ def padded_width(longest: int, multiple: int = PAD_MULTIPLE) -> int:
 # On CPU, bigger matmuls are hardly faster: 512 tokens vs 1,024 cost 2-10 % of step time on a 20M Qwen2
 # and 9-12 % on the 20M DeepSeek-V3 (smaller expert groups; bench/micro_batch.py), and halve activations.
 CPU_MICRO_BATCH_TOKENS = 512
-# Narrower models get the same activation memory per micro-batch (whole multiples of 512 tokens, at most
-# 4,096): small matmuls are slow there, e.g. 25 DPO steps of bench/dpo_vs_trl.py's 3.8M Qwen2 took
-# 17.9 s at 1,536 tokens vs 22.9 s at 512, peak RSS 0.82 vs 0.75 GB (micro_batch_tokens set by hand).
-REFERENCE_TOKEN_BYTES = 322_560  # memory.token_activation_bytes of the 20M Qwen2 above (hidden 512, 6 layers)
+# Smaller models get more tokens per micro-batch, in proportion to their matmul work per token (whole
+# multiples of 512, at most 4,096): each micro-batch has fixed costs (Python, kernel launches, a pair
+# stage's reference pass) that small matmuls do not hide. One epoch of bench/dpo_vs_trl.py's 3.8M Qwen2
+# (hidden 256, 4 layers: 1/6 of the 20M's work per token) took, by micro_batch_tokens set by hand:
+# DPO 26.2-27.4 s at 1,536, 22.6 at 2,048, 20.9 at 3,072, 20.8 at 4,096; SFT 17.8 s at 1,536, 13.5 at 3,072.
+# Activation memory per token shrinks with the width, so it stays within about twice the 20M's at 512.
+REFERENCE_TOKEN_FLOPS = 19_267_584  # token_matmul_flops of the 20M Qwen2 above (hidden 512, 6 layers)
 CPU_MICRO_BATCH_MAX_STEPS = 8
+
+
+def token_matmul_flops(config) -> int:
+    """Rough multiply-adds of one token through the layers: attention projections and the dense MLP
+    (an MoE's experts are counted as its dense intermediate size, which errs towards smaller batches)."""
+    hidden = getattr(config, "hidden_size", 0)
+    mlp = getattr(config, "intermediate_size", None) or 4 * hidden
+    return getattr(config, "num_hidden_layers", 0) * hidden * (4 * hidden + 3 * mlp)
 
 
 def micro_batch_budget(setting: int | None, device_type: str, config=None) -> int:
@@ -123,8 +133,8 @@ def micro_batch_budget(setting: int | None, device_type: str, config=None) -> in
         return setting
     if device_type != "cpu":
         return 0
-    per_token = token_activation_bytes(config) if config is not None else 0
-    steps = int(REFERENCE_TOKEN_BYTES // per_token) if per_token else 1
+    per_token = token_matmul_flops(config) if config is not None else 0
+    steps = REFERENCE_TOKEN_FLOPS // per_token if per_token else 1
     return CPU_MICRO_BATCH_TOKENS * max(1, min(CPU_MICRO_BATCH_MAX_STEPS, steps))
 
 
@@ -173,6 +183,24 @@ def collate(batch: list[Example], pad_id: int, attn: str = "sdpa",
         out["position_ids"] = positions
         out["attention_mask"] = block_causal_mask(segment_ids, attn)
     return out
+
+
+def collate_packed(rows: list[Example], pad_id: int, attn: str = "sdpa") -> dict[str, torch.Tensor]:
+    """`rows` placed side by side in as few rows as fit the longest one's padded width, each attending
+    to itself only (no padding between them); `row_ids` maps every token to its row in `rows` (-1: padding).
+
+    Whole rows still score as whole sequences: for preference pairs, whose chosen and rejected answers
+    differ in length, this cut bench/dpo_vs_trl.py's epoch from 182k token positions to 143k for 107k real tokens."""
+    width = padded_width(max(len(row.input_ids) for row in rows))
+    groups = pack_groups([len(row.input_ids) for row in rows], width)
+    batch = collate([join_examples([rows[i] for i in group]) for group in groups], pad_id, attn)
+    row_ids = torch.full(batch["input_ids"].shape, -1, dtype=torch.long)
+    for packed, group in enumerate(groups):
+        start = 0
+        for i in group:
+            row_ids[packed, start:start + len(rows[i].input_ids)] = i
+            start += len(rows[i].input_ids)
+    return {**batch, "row_ids": row_ids}
 
 
 def _segments(batch: list[Example], width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from r1tune.models.attention import mask_format
+from r1tune.models.prompt_methods import is_prompt_learning
 from r1tune.train import batching
 from r1tune.train.pref_losses import (REFERENCE_FREE, kto_kl, kto_loss, kto_reward_metrics, pairwise_rm_loss,
                                       preference_loss, reward_metrics, sft_loss)
@@ -30,10 +31,13 @@ class _RowsStage(StageLoss):
     """Stages whose items are two rows each (PairExample, KTOExample): a micro-batch's rows are every
     item's first row, then every item's second, in one forward; the step's loss is the mean over items."""
 
+    packs = True  # rows side by side in shared rows (batching.collate_packed); rm reads last tokens instead
+
     def __init__(self, model, pad_id: int, chunked: bool | None, reference=None):
         self.pad_id, self.reference = pad_id, reference
         self.attn = mask_format(getattr(model.config, "_attn_implementation", None))
         self.scorer = SequenceScorer(model, chunked)
+        self.packs = self.packs and not is_prompt_learning(model)  # virtual tokens lead each row, not each part
 
     def split(self, examples: list, budget: int) -> list[list]:
         return batching.cut_longest_first(examples, budget // 2, size=row_length)
@@ -42,8 +46,9 @@ class _RowsStage(StageLoss):
         return [row_length(item) for item in examples]
 
     def collate_rows(self, items: list) -> dict:
-        batch = batching.collate([i.rows[0] for i in items] + [i.rows[1] for i in items], self.pad_id, self.attn)
-        return {**batch, "n_items": torch.tensor(len(items))}
+        rows = [i.rows[0] for i in items] + [i.rows[1] for i in items]
+        collate = batching.collate_packed if self.packs else batching.collate
+        return {**collate(rows, self.pad_id, self.attn), "n_items": torch.tensor(len(items))}
 
     def collate(self, items: list) -> dict:
         batch = self.collate_rows(items)
@@ -114,6 +119,8 @@ class DPOLoss(_RowsStage):
 
 class RewardModelLoss(_RowsStage):
     """Pairwise reward model: the value head scores each row's last token; -logsigmoid(chosen - rejected)."""
+
+    packs = False
 
     def __init__(self, model, pad_id: int, chunked: bool | None, head: nn.Module):
         super().__init__(model, pad_id, chunked)

@@ -38,22 +38,26 @@ class SequenceScorer:
     def logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed log-probability of each row's labelled tokens (fp32), labelled tokens per row)."""
         states, weight = self.hidden_and_head(batch)
-        return label_logps(states, weight, batch["labels"])
+        return label_logps(states, weight, batch["labels"], batch.get("row_ids"))
 
 
-def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor,
+                row_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: sum of log p(label) over labelled positions (next-token shift) and their count.
-    `states` are hidden states scored through `weight`, or logits when weight is None."""
+    `states` are hidden states scored through `weight`, or logits when weight is None. With packed
+    rows (batching.collate_packed), `row_ids` says which original row each token belongs to."""
     states = states[:, states.size(1) - labels.size(1):]  # prompt tuning's virtual tokens come first
     mask = labels[:, 1:] != IGNORE
     rows = states[:, :-1][mask]
     targets = labels[:, 1:][mask]
     logits = rows if weight is None else rows @ weight.to(rows.dtype).T
     token_logps = logits.float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-    row_ids = mask.nonzero()[:, 0]
-    sums = torch.zeros(labels.size(0), dtype=torch.float32, device=labels.device).index_add(0, row_ids, token_logps)
-    return sums, mask.sum(dim=1)
+    if row_ids is None:
+        owner, count = mask.nonzero()[:, 0], labels.size(0)
+    else:
+        owner, count = row_ids[:, 1:][mask], int(row_ids.max()) + 1
+    sums = torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, owner, token_logps)
+    return sums, torch.zeros(count, dtype=torch.long, device=labels.device).index_add(0, owner, torch.ones_like(owner))
 
 
 def last_token_states(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
