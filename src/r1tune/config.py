@@ -136,7 +136,7 @@ class DpoArgs(_Section):
         "sigmoid", description="DPO loss: sigmoid (DPO), hinge (SLiC), ipo (IPO, length-averaged log-probabilities), orpo (odds ratio, no reference model), simpo (SimPO, length-averaged, no reference model).")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO: target reward margin gamma.")
     dpo_label_smoothing: float = Field(0.0, ge=0, le=0.5, description="cDPO: assumed share of flipped preference labels (pref_loss sigmoid only).")
-    precompute_ref_log_probs: Optional[bool] = Field(None, description="The reference of dpo/kto. Empty: a fresh LoRA-family adapter is switched off (the base is the reference: no copy, one no-grad forward per micro-batch, measured faster than a pre-pass: 39.6 vs 46.0 s for a 400-pair epoch of bench/dpo_vs_trl.py's 3.8M Qwen2), anything else is precomputed. true: score every pair once before training (its time counts in train_runtime). false: a frozen copy of the model when there is no fresh adapter (twice the weights in memory). See docs/stages.md.")
+    precompute_ref_log_probs: Optional[bool] = Field(None, description="The reference of dpo/kto. Empty: a fresh LoRA-family adapter is switched off (the base is the reference: no copy, one no-grad forward per micro-batch, measured faster than a pre-pass: 21.4-22.3 vs 24.8-25.2 s for a 400-pair epoch of bench/dpo_vs_trl.py's 3.8M Qwen2), anything else is precomputed. true: score every pair once before training (its time counts in train_runtime). false: a frozen copy of the model when there is no fresh adapter (twice the weights in memory). See docs/stages.md.")
 
 
 class KtoArgs(_Section):

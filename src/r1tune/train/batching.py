@@ -113,7 +113,8 @@ CPU_MICRO_BATCH_TOKENS = 512
 # multiples of 512, at most 4,096): each micro-batch has fixed costs (Python, kernel launches, a pair
 # stage's reference pass) that small matmuls do not hide. One epoch of bench/dpo_vs_trl.py's 3.8M Qwen2
 # (hidden 256, 4 layers: 1/6 of the 20M's work per token) took, by micro_batch_tokens set by hand:
-# DPO 26.2-27.4 s at 1,536, 22.6 at 2,048, 20.9 at 3,072, 20.8 at 4,096; SFT 17.8 s at 1,536, 13.5 at 3,072.
+# DPO 26.2-27.4 s at 1,536, 22.6 at 2,048, 20.9 at 3,072, 20.8 at 4,096; SFT 17.8 s at 1,536, 13.5 at 3,072
+# (AMX, bf16), 18.1-18.5 vs 15.8-16.0 s with AVX-512 switched off (fp32).
 # Activation memory per token shrinks with the width, so it stays within about twice the 20M's at 512.
 REFERENCE_TOKEN_FLOPS = 19_267_584  # token_matmul_flops of the 20M Qwen2 above (hidden 512, 6 layers)
 CPU_MICRO_BATCH_MAX_STEPS = 8
