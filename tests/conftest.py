@@ -22,6 +22,18 @@ def _private_data_cache(tmp_path_factory):
     os.environ["R1TUNE_CACHE"] = str(tmp_path_factory.mktemp("r1tune-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny runs: as fast on a quiet machine, and several times faster
+    when other processes share the cores (two threads spin-waiting on each other: 4 min vs 30 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_ds(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("models") / "ds", "deepseek_v3", hidden_size=64, num_layers=2)

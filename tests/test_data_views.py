@@ -5,7 +5,6 @@ error; packing is refused for the stages that score whole rows."""
 import json
 
 import pytest
-import torch
 
 from r1tune.cli import main
 from r1tune.config import validate_config
@@ -14,12 +13,7 @@ from r1tune.errors import UserError
 from tests.conftest import write_jsonl
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _config(tmp_path, model, data, **keys):

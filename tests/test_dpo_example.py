@@ -4,19 +4,13 @@ accuracy rises from chance-or-worse to >= 0.9 and the generated answers move tow
 import json
 
 import pytest
-import torch
 
 from r1tune.config import load_config
 from r1tune.train.stages.registry import run_stage
 from tests.conftest import ROOT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def test_dpo_example_learns_the_preference_and_the_style(tmp_path):

@@ -17,12 +17,7 @@ from tests.conftest import make_cfg, write_jsonl
 REWARD_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _pairs():

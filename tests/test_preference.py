@@ -37,14 +37,7 @@ def kto_records():
     return [record(a, b) for a in range(1, 7) for b in range(1, 5)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These runs are tiny: one intra-op thread is as fast on a quiet machine, and several times faster
-    when other processes share the cores (two threads spin-waiting on each other: 4 min vs 30 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def train_records(out):

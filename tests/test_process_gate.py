@@ -4,7 +4,6 @@ rank 0 writes the run as usual. Every write and print of a run goes through is_m
 import json
 
 import pytest
-import torch
 
 from r1tune.cli import main
 from r1tune.process import is_main, rank
@@ -12,12 +11,7 @@ from r1tune.train.stages.registry import run_stage
 from tests.conftest import make_cfg, write_jsonl
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest
 
 
 def _records():
