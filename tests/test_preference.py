@@ -339,3 +339,25 @@ def test_keys_a_pair_stage_cannot_honour_are_config_errors(keys, named, tiny_qwe
 
     with pytest.raises(UserError, match=named.replace("(", r"\(")):
         make_cfg(tiny_qwen, tmp_path / "pairs.jsonl", tmp_path / "out", stage="dpo", val_size=8, **keys)
+
+
+def test_kto_has_no_pair_accuracy_to_watch(tiny_qwen, tmp_path):
+    from r1tune.errors import UserError
+
+    with pytest.raises(UserError, match="'metric_for_best_model' is 'rewards/accuracies'"):
+        make_cfg(tiny_qwen, tmp_path / "kto.jsonl", tmp_path / "out", stage="kto", val_size=8,
+                 metric_for_best_model="rewards/accuracies")
+    make_cfg(tiny_qwen, tmp_path / "kto.jsonl", tmp_path / "out", stage="kto", val_size=8, metric_for_best_model="kl")
+
+
+@pytest.mark.parametrize("attn, packs", [("sdpa", True), ("eager", True), ("flash_attention_2", False)])
+def test_pair_rows_pack_unless_flash_attention(attn, packs, tiny_qwen, monkeypatch):
+    """Flash attention sees packed parts' boundaries only in one-row batches: pair rows stay apart there."""
+    from r1tune.models.loading import load_model
+    from r1tune.train import preference_stage
+
+    monkeypatch.setattr(preference_stage, "mask_format", lambda name: attn)
+    model = load_model(str(tiny_qwen))
+    loss = preference_stage.DPOLoss(model, 0, None, None, "sigmoid", 0.1, 0.0, 0.0, 0.0)
+    assert loss.packs is packs
+    assert preference_stage.RewardModelLoss(model, 0, None, model.lm_head).packs is False

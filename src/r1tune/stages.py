@@ -41,6 +41,7 @@ class StageData:
 
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+KTO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl")  # unpaired: no accuracies
 
 STAGES = {
     "sft": StageData("sft", ("chat", "cls"), reads_text=False, needs_template=True, long_samples="truncate",
@@ -54,7 +55,7 @@ STAGES = {
     "kto": StageData("kto", ("kto",), reads_text=False, needs_template=True, long_samples="truncate",
                      description="KTO on single answers labelled desirable or not (kto_tag)",
                      rows="an answer row and its mismatched row (for the KL estimate)",
-                     eval_metrics=PAIR_METRICS + ("kl",)),
+                     eval_metrics=KTO_METRICS),
     "rm": StageData("rm", ("preference",), reads_text=False, needs_template=True, long_samples="truncate",
                     description="a pairwise reward model: a value head scores answers, chosen above rejected",
                     cached=False, saves="the adapter or model and value_head.safetensors",

@@ -115,14 +115,15 @@ CPU_MICRO_BATCH_TOKENS = 512
 # (hidden 256, 4 layers: 1/6 of the 20M's work per token) took, by micro_batch_tokens set by hand:
 # DPO 26.2-27.4 s at 1,536, 22.6 at 2,048, 20.9 at 3,072, 20.8 at 4,096; SFT 17.8 s at 1,536, 13.5 at 3,072
 # (AMX, bf16), 18.1-18.5 vs 15.8-16.0 s with AVX-512 switched off (fp32).
-# Activation memory per token shrinks with the width, so it stays within about twice the 20M's at 512.
+# Activation memory per token shrinks with the width (hidden 256 x 4 layers at 3,072: 0.5 GB estimated).
 REFERENCE_TOKEN_FLOPS = 19_267_584  # token_matmul_flops of the 20M Qwen2 above (hidden 512, 6 layers)
 CPU_MICRO_BATCH_MAX_STEPS = 8
 
 
 def token_matmul_flops(config) -> int:
     """Rough multiply-adds of one token through the layers: attention projections and the dense MLP
-    (an MoE's experts are counted as its dense intermediate size, which errs towards smaller batches)."""
+    (an MoE is counted by its `intermediate_size`: DeepSeek's dense size, more than its routed work per token;
+    one expert's size where that is all the config has, e.g. Mixtral, less)."""
     hidden = getattr(config, "hidden_size", 0)
     mlp = getattr(config, "intermediate_size", None) or 4 * hidden
     return getattr(config, "num_hidden_layers", 0) * hidden * (4 * hidden + 3 * mlp)

@@ -6,7 +6,7 @@ So with `gradient_checkpointing` left empty r1tune estimates the activations the
 micro-batch keeps for the backward pass and turns checkpointing on only when they exceed
 the budget (`memory_budget_gb`, default half of the memory available at start). The largest
 micro-batch is the one left after cutting batches to `micro_batch_tokens` (batching.py),
-which on CPU already bounds activations to about 512 tokens' worth of a 20M model.
+which on CPU already bounds them (512 tokens on a 20M model, up to 4,096 on smaller ones).
 """
 
 from __future__ import annotations

@@ -269,7 +269,7 @@ class EarlyStopper(_Patience):
 
     def __init__(self, metric: str, patience: int, mode: str | None = None):
         lowered = metric.lower()
-        super().__init__(mode or ("min" if any(w in lowered for w in ("loss", "ppl", "perplexity")) else "max"))
+        super().__init__(mode or ("min" if any(w in lowered for w in ("loss", "ppl", "perplexity", "rejected")) else "max"))
         self.metric, self.patience = metric, patience
 
     def update(self, metrics: dict) -> bool:

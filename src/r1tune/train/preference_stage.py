@@ -37,7 +37,9 @@ class _RowsStage(StageLoss):
         self.pad_id, self.reference = pad_id, reference
         self.attn = mask_format(getattr(model.config, "_attn_implementation", None))
         self.scorer = SequenceScorer(model, chunked)
-        self.packs = self.packs and not is_prompt_learning(model)  # virtual tokens lead each row, not each part
+        # prompt learning: virtual tokens lead each row, not each part; flash attention finds the parts'
+        # boundaries from restarting positions only in a batch of one row (transformers 5.25)
+        self.packs = self.packs and not is_prompt_learning(model) and not self.attn.startswith("flash")
 
     def split(self, examples: list, budget: int) -> list[list]:
         return batching.cut_longest_first(examples, budget // 2, size=row_length)
