@@ -1,0 +1,99 @@
+"""GRPO's pure pieces (issue 18), no model: group-relative advantages and the clipped policy loss with
+TRL's loss types and names.
+
+Rewards are (prompts x num_generations) in generation order, NaN where every reward function abstained;
+such a completion gets advantage 0 (it teaches nothing) instead of spreading NaN through its group.
+Per-token tensors are (completions, completion length) with a 0/1 mask of real completion tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+SCALES = ("group", "batch", "none")
+STD_EPS = 1e-4  # as TRL: a group whose rewards barely differ is not blown up
+
+
+def _nanstd(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Sample standard deviation (Bessel-corrected) ignoring NaN; 0 with fewer than two values."""
+    valid = ~x.isnan()
+    count = valid.sum(dim) if dim is not None else valid.sum()
+    mean = x.nanmean(dim, keepdim=dim is not None) if dim is not None else x.nanmean()
+    squares = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x))
+    total = squares.sum(dim) if dim is not None else squares.sum()
+    return torch.where(count > 1, (total / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(total))
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group"
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, per completion whether its group's rewards have zero spread).
+
+    reward - its group's mean, divided by the group's std (`group`), the whole batch's std (`batch`),
+    or not at all (`none`, Dr. GRPO)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale!r}")
+    groups = rewards.view(-1, num_generations)
+    mean = groups.nanmean(dim=1).repeat_interleave(num_generations)
+    group_std = _nanstd(groups, dim=1).repeat_interleave(num_generations)
+    std = _nanstd(rewards).expand_as(rewards) if scale == "batch" else group_std
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + STD_EPS)
+    advantages = torch.nan_to_num(advantages, nan=0.0)
+    return advantages, torch.isclose(group_std, torch.zeros_like(group_std))
+
+
+def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                loss_type: str = "dapo", epsilon: float = 0.2, epsilon_high: float | None = None,
+                beta: float = 0.0, ref_logps: torch.Tensor | None = None, max_completion_length: int | None = None,
+                num_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate -min(r A, clip(r, 1-eps, 1+eps_high) A) per token (+ beta x k3 KL to the
+    reference), reduced as `loss_type`:
+
+    grpo: mean over completions of each completion's mean over its tokens;
+    bnpo: mean over the micro-batch's tokens;
+    dr_grpo: sum over tokens / (completions x max_completion_length);
+    dapo: sum over tokens / `num_tokens` (the tokens of the whole optimizer step; default this batch's).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = mask.to(logps.dtype)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    ratio = torch.exp(logps - old_logps)
+    clipped = ratio.clamp(1 - epsilon, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    stats = _clip_stats(ratio, adv, mask, epsilon, eps_high)
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("beta != 0 needs the reference's log-probabilities")
+        diff = ref_logps - logps
+        kl = torch.exp(diff) - diff - 1  # k3: unbiased, always >= 0
+        per_token = per_token + beta * kl
+        stats["kl"] = float((kl * mask).sum() / mask.sum().clamp(min=1))
+    return _reduce(per_token * mask, mask, loss_type, max_completion_length, num_tokens), stats
+
+
+def _reduce(masked: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int | None,
+            num_tokens: float | None) -> torch.Tensor:
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("dr_grpo needs max_completion_length")
+        return masked.sum() / (masked.size(0) * max_completion_length)
+    return masked.sum() / max(float(num_tokens if num_tokens is not None else mask.sum()), 1.0)
+
+
+def _clip_stats(ratio, adv, mask, eps_low, eps_high) -> dict[str, float]:
+    """TRL's clip_ratio/low_mean, /high_mean, /region_mean: shares of tokens whose ratio was clipped
+    where that changes the loss (below 1-eps with a negative advantage, above 1+eps_high with a positive one)."""
+    low = ((ratio < 1 - eps_low) & (adv < 0)).to(mask.dtype)
+    high = ((ratio > 1 + eps_high) & (adv > 0)).to(mask.dtype)
+    tokens = mask.sum().clamp(min=1)
+    low_share, high_share = float((low * mask).sum() / tokens), float((high * mask).sum() / tokens)
+    return {"clip_ratio/low_mean": low_share, "clip_ratio/high_mean": high_share,
+            "clip_ratio/region_mean": low_share + high_share}
