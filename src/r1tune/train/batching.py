@@ -112,7 +112,8 @@ CPU_MICRO_BATCH_TOKENS = 512
 # Smaller models get more tokens per micro-batch, in proportion to their matmul work per token (whole
 # multiples of 512, at most 4,096): each micro-batch has fixed costs (Python, kernel launches, a pair
 # stage's reference pass) that small matmuls do not hide. One epoch of bench/dpo_vs_trl.py's 3.8M Qwen2
-# (hidden 256, 4 layers: 1/6 of the 20M's work per token) took, by micro_batch_tokens set by hand:
+# (hidden 256, 4 layers: 1/6 of the 20M's work per token) took, by micro_batch_tokens
+# (python bench/pair_batches.py --budgets 1536 2048 3072 4096 [--stage sft]):
 # DPO 26.2-27.4 s at 1,536, 22.6 at 2,048, 20.9 at 3,072, 20.8 at 4,096; SFT 17.8 s at 1,536, 13.5 at 3,072
 # (AMX, bf16), 18.1-18.5 vs 15.8-16.0 s with AVX-512 switched off (fp32).
 # Activation memory per token shrinks with the width (hidden 256 x 4 layers at 3,072: 0.5 GB estimated).
@@ -192,7 +193,8 @@ def collate_packed(rows: list[Example], pad_id: int, attn: str = "sdpa") -> dict
     to itself only (no padding between them); `row_ids` maps every token to its row in `rows` (-1: padding).
 
     Whole rows still score as whole sequences: for preference pairs, whose chosen and rejected answers
-    differ in length, this cut bench/dpo_vs_trl.py's epoch from 182k token positions to 143k for 107k real tokens."""
+    differ in length, this cut bench/dpo_vs_trl.py's epoch from 165k token positions to 133k for 107k real tokens
+    (python bench/pair_batches.py --packing)."""
     width = padded_width(max(len(row.input_ids) for row in rows))
     groups = pack_groups([len(row.input_ids) for row in rows], width)
     batch = collate([join_examples([rows[i] for i in group]) for group in groups], pad_id, attn)

@@ -15,14 +15,12 @@ SCALES = ("group", "batch", "none")
 STD_EPS = 1e-4  # as TRL: a group whose rewards barely differ is not blown up
 
 
-def _nanstd(x: torch.Tensor, dim=None) -> torch.Tensor:
-    """Sample standard deviation (Bessel-corrected) ignoring NaN; 0 with fewer than two values."""
+def _row_nanstd(x: torch.Tensor) -> torch.Tensor:
+    """Per row of a 2-D tensor: sample standard deviation (Bessel-corrected) ignoring NaN; 0 below two values."""
     valid = ~x.isnan()
-    count = valid.sum(dim) if dim is not None else valid.sum()
-    mean = x.nanmean(dim, keepdim=dim is not None) if dim is not None else x.nanmean()
-    squares = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x))
-    total = squares.sum(dim) if dim is not None else squares.sum()
-    return torch.where(count > 1, (total / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(total))
+    count = valid.sum(1)
+    squares = torch.where(valid, (x - x.nanmean(1, keepdim=True)) ** 2, torch.zeros_like(x))
+    return torch.where(count > 1, (squares.sum(1) / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(count, dtype=x.dtype))
 
 
 def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group"
@@ -35,8 +33,8 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
         raise ValueError(f"scale_rewards must be one of {SCALES}, got {scale!r}")
     groups = rewards.view(-1, num_generations)
     mean = groups.nanmean(dim=1).repeat_interleave(num_generations)
-    group_std = _nanstd(groups, dim=1).repeat_interleave(num_generations)
-    std = _nanstd(rewards).expand_as(rewards) if scale == "batch" else group_std
+    group_std = _row_nanstd(groups).repeat_interleave(num_generations)
+    std = _row_nanstd(rewards.view(1, -1)).expand_as(rewards) if scale == "batch" else group_std
     advantages = rewards - mean
     if scale != "none":
         advantages = advantages / (std + STD_EPS)

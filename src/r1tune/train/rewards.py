@@ -44,9 +44,8 @@ def think_format(prompts: list, completions: list, **_) -> list[float]:
     Where the prompt already opened `<think>` (R1-Distill templates) the completion starts inside it."""
     scores = []
     for prompt, completion in zip(prompts, completions):
-        text = text_of(completion)
-        reasoning, answer = split_output(text, _opened(prompt))
-        scores.append(1.0 if reasoning and answer and "</think>" in text else 0.0)
+        reasoning, answer = split_output(text_of(completion), _opened(prompt))  # unclosed: answer ""
+        scores.append(1.0 if reasoning and answer else 0.0)
     return scores
 
 
