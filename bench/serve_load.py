@@ -93,8 +93,9 @@ def drive_engine(model_dir: str, clients: int, prompts: list[str], max_tokens: i
     import threading
 
     from r1tune.models.loading import load_model, load_tokenizer
-    from r1tune.serve.engine import Engine, eos_ids_of
-    from r1tune.serve.sampling import Params
+    from r1tune.models.decode import eos_ids_of
+    from r1tune.serve.engine import Engine
+    from r1tune.models.sampling import Params
     from r1tune.serve.ticket import Generated, Ticket
 
     model, tokenizer = load_model(model_dir), load_tokenizer(model_dir)

@@ -98,7 +98,7 @@ def test_virtual_token_adapters_decode_as_their_forward(tiny_qwen, runs, tmp_pat
     PEFT model's own full forward over the prompt and the tokens before it."""
     from r1tune.models.run_loading import load_run
     from r1tune.serve.engine import Engine
-    from r1tune.serve.sampling import Params
+    from r1tune.models.sampling import Params
     from r1tune.serve.ticket import Ticket
     from tests.test_serve_engine import collect, prompt_ids
 

@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from r1tune.serve.engine import Engine, QueueFull, eos_ids_of
-from r1tune.serve.sampling import Params, nucleus
+from r1tune.models.decode import eos_ids_of
+from r1tune.serve.engine import Engine, QueueFull
+from r1tune.models.sampling import Params, nucleus
 from r1tune.serve.ticket import IncrementalDecoder, Ticket
 
 PROMPTS = ["What is 2+2?", "Tell me a story about a dragon and a knight in a castle far away", "hi",

@@ -51,8 +51,9 @@ class ReasoningPrinter:
 def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, out=None) -> str:
     """Stream one assistant reply to `out`; return the full generated text. It decodes with the
     server's engine, so chat and serve give the same tokens (virtual-token adapters included)."""
-    from r1tune.serve.engine import Engine, eos_ids_of
-    from r1tune.serve.sampling import Params
+    from r1tune.models.decode import eos_ids_of
+    from r1tune.serve.engine import Engine
+    from r1tune.models.sampling import Params
     from r1tune.serve.ticket import Generated, Ticket
 
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

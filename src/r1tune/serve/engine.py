@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 
-from r1tune.serve.batch import Batch, Row
+from r1tune.models.decode import Batch, Row
 from r1tune.serve.ticket import Ticket
 
 
@@ -116,10 +116,3 @@ class Engine:
         if self.metrics is not None:
             self.metrics.waiting.set(len(self.pending))
 
-
-def eos_ids_of(model, tokenizer) -> set[int]:
-    """Token ids that end a reply: the tokenizer's EOS and the generation config's."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
-    return ids

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from fastapi import HTTPException
 
 from r1tune.data.templates import THINK_OPEN
-from r1tune.serve.engine import Engine, QueueFull, eos_ids_of
+from r1tune.models.decode import eos_ids_of
+from r1tune.serve.engine import Engine, QueueFull
 from r1tune.serve.models import Served, ServedSet
 from r1tune.serve.protocol import Message, Sampling
-from r1tune.serve.sampling import Params
+from r1tune.models.sampling import Params
 from r1tune.serve.ticket import Generated, Ticket
 
 

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 from r1tune.serve.stops import StopScanner
-from r1tune.serve.sampling import Params
+from r1tune.models.sampling import Params
 
 CONTEXT_TOKENS = 5  # prompt tokens decoded before the first new one (SentencePiece leading spaces)
 READ_TIMEOUT_S = 600.0

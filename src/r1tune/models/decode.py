@@ -1,4 +1,5 @@
-"""A running decode batch: its rows, their KV cache and attention mask.
+"""Batched KV-cache decoding, shared by the server (r1tune.serve) and GRPO's rollouts (r1tune.train):
+a running batch of rows, their KV cache and attention mask.
 
 Rows are left-padded, so every row's newest token sits in the last column and one forward pass
 of shape (rows, 1) advances them all. Positions are kept per row (padding does not count).
@@ -6,18 +7,20 @@ A finished row leaves the batch at once (its cache rows are dropped); new rows j
 steps: they are prefilled on their own, then both caches are left-padded to one length and
 stacked. Joining needs plain per-layer key/value tensors (transformers' DynamicLayer); caches of
 another kind (sliding windows, say) run a batch to its end before the next one starts.
+`complete` runs a fixed list of prompts through one such batch (rows join as others finish).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from r1tune.serve.sampling import Params, pick_tokens
+from r1tune.models.sampling import Params, pick_tokens
 
 
 @dataclass
@@ -155,3 +158,52 @@ class Batch:
 def left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     """(B, H, T, D) padded with zeros before T up to `width` (masked, so never attended to)."""
     return F.pad(t, (0, 0, width - t.shape[-2], 0))
+
+
+def eos_ids_of(model, tokenizer) -> set[int]:
+    """Token ids that end a reply: the tokenizer's EOS and the generation config's."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    return ids
+
+
+@dataclass
+class Completion:
+    ids: list[int]  # the generated tokens, the EOS that ended them included
+    finished: bool  # ended with an EOS token (False: cut at max_tokens)
+
+
+def complete(model, prompts: list[list[int]], params: list[Params], eos_ids: set[int], pad_id: int,
+             max_rows: int = 64) -> list[Completion]:
+    """Each prompt's completion under its own Params, through one running batch of at most `max_rows`
+    rows: waiting prompts join whenever a quarter of the rows have finished (one prefill each time)."""
+    device = next(model.parameters()).device
+    results: list[Completion | None] = [None] * len(prompts)
+    waiting = deque(range(len(prompts)))
+
+    def row(i: int) -> Row:
+        out = []
+
+        def emit(token: int) -> bool:
+            out.append(token)
+            if token in eos_ids or len(out) >= params[i].max_tokens:
+                results[i] = Completion(out, token in eos_ids)
+                return False
+            return True
+        return Row(list(prompts[i]), params[i], emit)
+
+    def take(n: int) -> list[Row]:
+        return [row(waiting.popleft()) for _ in range(min(n, len(waiting)))]
+
+    batch = None
+    while waiting or (batch is not None and batch.rows):
+        if batch is None or not batch.rows:
+            batch = Batch(model, take(max_rows), pad_id, device)
+            continue
+        room = max_rows - len(batch.rows)
+        if waiting and batch.can_join and room >= max(1, max_rows // 4):
+            batch.join(take(room))
+        if batch.rows:
+            batch.step()
+    return results
