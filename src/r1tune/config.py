@@ -146,6 +146,40 @@ class KtoArgs(_Section):
     kto_rejected_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable examples' loss.")
 
 
+class GrpoArgs(_Section):
+    """GRPO stage (TRL's GRPOConfig names): rollouts, rewards, the clipped loss and the guards against runs that learn nothing. Sampling uses temperature / top_p (empty temperature: 1.0 here). See docs/grpo.md."""
+
+    reward_funcs: Optional[list[str]] = Field(None, description="Reward functions, summed with reward_weights: built-ins think_format (reasoning, </think>, then an answer; aware of templates that open <think> in the prompt), accuracy (the answer after </think> equals the record's answer / solution: exact, numeric or normalised math), length (DAPO soft overlong penalty); 'file.py:function' or 'module:function' called as TRL calls reward functions; or the output_dir of a 'stage: rm' run (its value head scores prompt + completion). A comma-separated string works too.")
+    reward_weights: Optional[list[float]] = Field(None, description="One weight per reward function; empty: 1 each.")
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (a group); per_device_train_batch_size counts completions and must be a multiple of it.")
+    max_completion_length: int = Field(256, ge=1, description="Tokens a completion may have; a completion cut there counts as clipped (completions/clipped_ratio).")
+    beta: float = Field(0.0, ge=0.0, description="Weight of the k3 KL term to the reference (the starting policy). 0 (TRL's default): no reference at all; under a fresh LoRA adapter the reference is the base with the adapter off (no copy), else a frozen copy.")
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field("dapo", description="How per-token losses are averaged: dapo (over all completion tokens of the optimizer step), bnpo (over each batch's tokens), grpo (per completion, then over completions), dr_grpo (sum / (completions x max_completion_length)).")
+    epsilon: float = Field(0.2, gt=0.0, lt=1.0, description="Clipping range below 1 of the probability ratio (and above 1 unless epsilon_high is set).")
+    epsilon_high: Optional[float] = Field(None, gt=0.0, description="Upper clipping range (DAPO's clip-higher, e.g. 0.28); empty: epsilon.")
+    num_iterations: int = Field(1, ge=1, description="Optimizer steps on each batch of rollouts (TRL's mu); above 1 the ratio to the generating policy moves and clipping matters.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantages: (reward - group mean) divided by the group's std (group), the batch's std (batch), or not at all (none, Dr. GRPO). true/false mean group/none.")
+    mask_truncated_completions: bool = Field(False, description="Leave completions cut at max_completion_length out of the loss (DAPO).")
+    overlong_buffer_len: Optional[int] = Field(None, ge=1, description="The length reward: the last this-many tokens before max_completion_length are penalised linearly down to -1; empty: a quarter of max_completion_length.")
+    log_completions: bool = Field(True, description="Write a few prompts, completions and their rewards to completions.jsonl at every logging step.")
+    num_completions_to_print: int = Field(4, ge=1, description="How many completions log_completions writes per logging step.")
+    grpo_guard: Literal["warn", "stop", "off"] = Field("warn", description="When, over grpo_guard_window steps, the share of groups with equal rewards, of completions cut at max_completion_length, or of zero rewards stays above grpo_guard_threshold (the run learns nothing), warn naming the likely cause and the key to change; stop also saves a checkpoint and ends the run.")
+    grpo_guard_window: int = Field(10, ge=1, description="Steps the guard looks back over.")
+    grpo_guard_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Share above which a guard signal counts as stuck.")
+    generation_batch_rows: int = Field(64, ge=1, description="Rows the rollout decoder runs at once (waiting completions join as others finish).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_spellings(cls, data):
+        """TRL's scale_rewards true/false and a comma-separated reward_funcs string."""
+        if isinstance(data, dict):
+            if isinstance(data.get("scale_rewards"), bool):
+                data = {**data, "scale_rewards": "group" if data["scale_rewards"] else "none"}
+            if isinstance(data.get("reward_funcs"), str):
+                data = {**data, "reward_funcs": [f.strip() for f in data["reward_funcs"].split(",") if f.strip()]}
+        return data
+
+
 class RegularisationArgs(_Section):
     """Dropout, label smoothing and embedding noise while training."""
 
@@ -250,7 +284,7 @@ class EvalArgs(_Section):
     early_stopping_patience: Optional[int] = Field(None, ge=1, description="Stop after this many evaluations without a lower eval loss.")
     eval_generate_samples: int = Field(0, ge=0, description="Before and after training, generate answers for this many validation prompts and report exact-match accuracy; with generate_metrics_steps also during training.")
     generate_metrics_steps: Optional[int] = Field(None, ge=1, description="Every N steps, generate answers for eval_generate_samples (default 16) validation prompts and log exact match, accuracy, BLEU-4 and ROUGE-L (trainer_log.jsonl and TensorBoard); these metrics then count for metric_for_best_model.")
-    metric_for_best_model: str = Field("loss", description="What early stopping and lr_plateau_patience watch at each evaluation: loss, perplexity, or (with generate_metrics_steps) exact_match, accuracy, bleu4, rouge_l; dpo/kto/rm: loss, rewards/chosen, rewards/rejected, rewards/margins, and rewards/accuracies + choice_accuracy (dpo), kl (kto), rewards/accuracies + accuracy (rm).")
+    metric_for_best_model: Optional[str] = Field(None, description="What early stopping and lr_plateau_patience watch at each evaluation (empty: loss; reward for grpo): loss, perplexity, or (with generate_metrics_steps) exact_match, accuracy, bleu4, rouge_l; dpo/kto/rm: loss, rewards/chosen, rewards/rejected, rewards/margins, and rewards/accuracies + choice_accuracy (dpo), kl (kto), rewards/accuracies + accuracy (rm); grpo: reward, reward_std, completions/mean_length, completions/clipped_ratio.")
     greater_is_better: Optional[bool] = Field(None, description="Whether a larger metric_for_best_model is better; empty: false for loss/perplexity/rewards/rejected, true otherwise.")
     lr_plateau_patience: Optional[int] = Field(None, ge=1, description="Multiply the learning rate by lr_plateau_factor after this many evaluations without improvement of metric_for_best_model.")
     lr_plateau_factor: float = Field(0.5, gt=0.0, lt=1.0, description="Learning-rate factor applied on each plateau.")
@@ -267,8 +301,8 @@ class EvalCommandArgs(_Section):
     eval_max_samples: Optional[int] = Field(200, ge=1, description="r1tune eval: score at most this many held-out conversations (eval_dataset, or the val_size split of dataset).")
     eval_compare_base: bool = Field(True, description="r1tune eval: also score the base model on the same prompts and report the differences (not for a reward model, whose value head the base lacks).")
     do_sample: bool = Field(False, description="Generation: sample instead of greedy decoding.")
-    temperature: float = Field(0.7, gt=0.0, description="Generation: sampling temperature (with do_sample).")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Generation: nucleus sampling share (with do_sample).")
+    temperature: Optional[float] = Field(None, gt=0.0, description="Generation: sampling temperature of r1tune eval with do_sample (empty: 0.7) and of GRPO's rollouts (empty: 1.0, as TRL).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Generation: nucleus sampling share (r1tune eval with do_sample, GRPO's rollouts).")
     eval_mc_file: Optional[str] = Field(None, description="r1tune eval: a multiple-choice file (MMLU / C-Eval style JSONL: question, choices, answer) scored by log-likelihood; 'bundled' uses r1tune's small sample.")
     eval_mc_shots: int = Field(0, ge=0, description="r1tune eval: solved examples put before each multiple-choice question (few-shot).")
     eval_robustness: Optional[str] = Field(None, description="r1tune eval: comma-separated perturbations of the prompts (typos, synonyms, char_noise, distractor, or 'all'); accuracy under each is reported beside clean accuracy.")
@@ -318,7 +352,7 @@ class LoggingArgs(_Section):
 
 # Section name -> class, in the order docs/config.md lists them (and the run file's keys are saved in).
 SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelArgs, "method": MethodArgs, "dpo": DpoArgs, "kto": KtoArgs, "regularisation": RegularisationArgs,
+    "model": ModelArgs, "method": MethodArgs, "dpo": DpoArgs, "kto": KtoArgs, "grpo": GrpoArgs, "regularisation": RegularisationArgs,
     "data": DataArgs, "augment": AugmentArgs, "output": OutputArgs, "training": TrainingArgs, "evaluation": EvalArgs,
     "eval": EvalCommandArgs, "export": ExportArgs, "serve": ServeArgs, "logging": LoggingArgs,
 }
@@ -328,13 +362,14 @@ SECTIONS: dict[str, type[BaseModel]] = {
 STAGE_KEYS: dict[str, list[str]] = {
     "dpo": ["pref_beta", "pref_ftx", "pref_loss", "simpo_gamma", "dpo_label_smoothing", "precompute_ref_log_probs"],
     "kto": ["pref_beta", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight", "precompute_ref_log_probs"],
+    "grpo": [name for name in GrpoArgs.model_fields],
 }
 
 
 # Pydantic orders the fields of a class with several bases from the last base to the first, so the sections
 # are listed here in reverse: model_fields (and the saved run file) then follow SECTIONS. A test checks it.
 class RunConfig(LoggingArgs, ServeArgs, ExportArgs, EvalCommandArgs, EvalArgs, TrainingArgs, OutputArgs, AugmentArgs,
-                DataArgs, RegularisationArgs, KtoArgs, DpoArgs, MethodArgs, ModelArgs):
+                DataArgs, RegularisationArgs, GrpoArgs, KtoArgs, DpoArgs, MethodArgs, ModelArgs):
     """Every key of a run file: the union of SECTIONS. Descriptions become docs/config.md."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -359,6 +394,11 @@ class RunConfig(LoggingArgs, ServeArgs, ExportArgs, EvalCommandArgs, EvalArgs, T
         cls = SECTIONS[name]
         return cls.model_construct(self.model_fields_set & set(cls.model_fields),
                                    **{key: getattr(self, key) for key in cls.model_fields})
+
+    @property
+    def best_metric(self) -> str:
+        """metric_for_best_model, or the stage's first held-out metric (loss; GRPO: reward)."""
+        return self.metric_for_best_model or stage_data(self.stage).eval_metrics[0]
 
     def stage_options(self, stage: str | None = None) -> dict[str, Any]:
         """The keys STAGE_KEYS gives `stage` (default: this run's stage) and their values."""
@@ -414,8 +454,8 @@ def _evaluation_problems(cfg: RunConfig) -> Iterator[str]:
                f"{', '.join(stage.eval_metrics)} at every evaluation instead; remove it")
     watched = set(stage.eval_metrics) | ({"exact_match", "accuracy", "bleu4", "rouge_l"}
                                           if cfg.generate_metrics_steps and not stage.rows else set())
-    if cfg.metric_for_best_model not in watched:
-        yield (f"'metric_for_best_model' is '{cfg.metric_for_best_model}', which no evaluation of this run "
+    if cfg.best_metric not in watched:
+        yield (f"'metric_for_best_model' is '{cfg.best_metric}', which no evaluation of this run "
                f"measures; choose one of {', '.join(sorted(watched))}"
                + ("" if stage.rows else " (generation metrics need generate_metrics_steps)"))
     for key in ("lr_plateau_patience", "early_stopping_patience"):
@@ -550,9 +590,24 @@ def stage_option_problems(cfg: RunConfig, source: str = "config") -> Iterator[st
         owners = stage_owners(key)
         if key in cfg.model_fields_set and cfg.stage not in owners and getattr(cfg, key) is not None:
             note(f"{source}: '{key}' applies to stage {' / '.join(owners)}, not '{cfg.stage}'; it has no effect")
+    if cfg.stage == "grpo":
+        yield from _grpo_problems(cfg)
     if cfg.dpo_label_smoothing > 0 and cfg.pref_loss != "sigmoid":
         yield (f"'dpo_label_smoothing' (cDPO) works with pref_loss sigmoid only, not '{cfg.pref_loss}'; "
                "set it to 0 or use pref_loss: sigmoid")
+
+
+def _grpo_problems(cfg: RunConfig) -> Iterator[str]:
+    if not cfg.reward_funcs:
+        yield ("stage 'grpo' needs 'reward_funcs': e.g. [think_format, accuracy], a 'file.py:function', or a "
+               "'stage: rm' output_dir")
+    if cfg.per_device_train_batch_size % cfg.num_generations:
+        yield (f"'per_device_train_batch_size' ({cfg.per_device_train_batch_size}) counts completions and must be a "
+               f"multiple of 'num_generations' ({cfg.num_generations}), as in TRL; e.g. "
+               f"{cfg.num_generations * max(1, cfg.per_device_train_batch_size // cfg.num_generations)}")
+    if cfg.reward_weights is not None and cfg.reward_funcs and len(cfg.reward_weights) != len(cfg.reward_funcs):
+        yield (f"'reward_weights' has {len(cfg.reward_weights)} weights for {len(cfg.reward_funcs)} reward_funcs; "
+               "give one weight per reward function")
 
 
 # --- what some keys parse into -------------------------------------------------------------------------

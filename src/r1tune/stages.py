@@ -13,7 +13,8 @@ from dataclasses import dataclass
 # What a record of each kind is, for messages naming a stage that trains on it.
 KIND_NAMES = {"chat": "a conversation", "cls": "a classification record (text + label)",
               "text": "plain text (pretraining data)", "preference": "a preference pair (chosen/rejected)",
-              "kto": "a record with a KTO label (kto_tag)"}
+              "kto": "a record with a KTO label (kto_tag)",
+              "prompt": "a prompt for GRPO (a conversation up to the user's last message)"}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class StageData:
     saves: str = "the adapter or model"  # what output_dir gets besides logs
     rows: str = ""  # what each example is when it is several rows, each scored as a whole sequence ("": one row)
     eval_metrics: tuple[str, ...] = ("loss", "perplexity")  # what its held-out evaluation reports
+    generates: bool = False  # its examples are prompts it completes while training (GRPO's rollouts)
 
     @property
     def packs(self) -> bool:
@@ -41,6 +43,7 @@ class StageData:
 
 
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+GRPO_METRICS = ("reward", "reward_std", "completions/mean_length", "completions/clipped_ratio")  # greedy, held out
 KTO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl")  # unpaired: no accuracies
 
 STAGES = {
@@ -60,6 +63,11 @@ STAGES = {
                     description="a pairwise reward model: a value head scores answers, chosen above rejected",
                     cached=False, saves="the adapter or model and value_head.safetensors",
                     rows="a chosen and a rejected row", eval_metrics=PAIR_METRICS + ("accuracy",)),
+    "grpo": StageData("grpo", ("prompt",), reads_text=False, needs_template=True, long_samples="truncate",
+                      description="GRPO, reinforcement learning as DeepSeek-R1 was trained: num_generations sampled "
+                                  "completions per prompt scored by reward_funcs (see docs/grpo.md)",
+                      cached=False, rows="a prompt and its sampled completions", eval_metrics=GRPO_METRICS,
+                      generates=True),
 }
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from r1tune.data.chunking import sliding_windows
-from r1tune.data.encode import (Example, PairExample, TemplateMismatch, encode_segments_batch, encode_texts,
-                                final_answer_only, render_segments, truncate)
+from r1tune.data.encode import (Example, PairExample, PromptExample, TemplateMismatch, encode_prompts,
+                                encode_segments_batch, encode_texts, final_answer_only, render_segments, truncate)
 from r1tune.data.formats import Conversation
 from r1tune.data.kinds import Sample, pretraining_text, to_sample
 from r1tune.data.leakage import Leakage
@@ -24,6 +24,7 @@ from r1tune.stages import stage_data, wrong_kind_message
 from r1tune.fileio import write_text_atomic
 
 NO_TARGET_LEFT = "prompt fills cutoff_len, no answer token left"
+PROMPT_TOO_LONG = "prompt longer than cutoff_len"
 CHUNK = 1000  # records tokenized per batch call
 
 @dataclass
@@ -248,6 +249,10 @@ def encode_sample(tokenizer, sample: Sample, empty_think: str) -> Example | Pair
 
 def encode_many(tokenizer, samples: list[Sample], empty_think: str) -> list[Example | PairExample]:
     """encode_sample for a chunk of samples, tokenized in one batch call."""
+    prompts = [s for s in samples if s.kind == "prompt"]
+    if prompts:  # a stage reads one kind only, so these are all of them
+        return encode_prompts(tokenizer, [(_rendered(tokenizer, s, empty_think), s.tools) for s in prompts], empty_think,
+                              [s.conversational for s in prompts], [s.columns or {} for s in prompts])
     segments = []  # per sample: None (text) or one segment list per conversation it trains
     for sample in samples:
         segments.append(None if sample.kind == "text" else
@@ -263,6 +268,13 @@ def encode_many(tokenizer, samples: list[Sample], empty_think: str) -> list[Exam
         example.label = sample.label
         out.append(example)
     return out
+
+
+def _rendered(tokenizer, sample: Sample, empty_think: str) -> Conversation:
+    """A prompt sample's messages, checked to render with the template (a one-line error naming the record)."""
+    segments_or_error(tokenizer, sample.messages + [{"role": "assistant", "content": "-"}], empty_think,
+                      sample.tools, sample.where)
+    return sample.messages
 
 
 def _conversations(sample: Sample) -> list[Conversation]:
@@ -285,7 +297,10 @@ def segments_or_error(tokenizer, messages, empty_think: str, tools, where: str) 
 
 
 def fit_to_window(example: Example | PairExample, cfg, report: DataReport) -> list:
-    """Truncate or chunk to cutoff_len; only parts that still train a token (a pair: both answers)."""
+    """Truncate or chunk to cutoff_len; only parts that still train a token (a pair: both answers; a
+    GRPO prompt: whole, within cutoff_len, or dropped)."""
+    if isinstance(example, PromptExample):
+        return [example] if len(example.input_ids) <= cfg.cutoff_len else []
     if isinstance(example, PairExample):
         pair = PairExample(truncate(example.chosen, cfg.cutoff_len), truncate(example.rejected, cfg.cutoff_len),
                            example.label)
@@ -307,7 +322,7 @@ def encode_chunk(tokenizer, samples: list[Sample], cfg, report: DataReport) -> t
         report.records += 1
         parts = fit_to_window(full, cfg, report)
         if not parts:
-            report.dropped[NO_TARGET_LEFT] += 1
+            report.dropped[PROMPT_TOO_LONG if isinstance(full, PromptExample) else NO_TARGET_LEFT] += 1
             continue
         for part in parts:
             report.tokens += _token_count(part)

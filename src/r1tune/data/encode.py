@@ -42,6 +42,19 @@ class Example:
 
 
 @dataclass
+class PromptExample:
+    """A GRPO prompt, rendered as generation sees it (the assistant's turn opened), and tokenized."""
+    input_ids: list[int]
+    text: str  # the rendered prompt (what the model continues)
+    prompt: object  # what reward functions get as `prompts`: the messages (conversational) or the text
+    columns: dict  # the record's other fields, passed to reward functions by name
+    index: int = -1  # its place in the training set (seeds its sampling)
+    label: str | None = None
+    truncated: bool = False
+    num_targets: int = 0  # nothing of it is trained: its completions are
+
+
+@dataclass
 class PairExample:
     """A preference pair: the prompt with the chosen answer and with the rejected one, each
     training only its final answer (reasoning kept, as SFT's final turn)."""
@@ -204,9 +217,9 @@ def final_turn(render, messages: Conversation, empty_think: str) -> tuple[str, s
     return prompt[: -len(OPENED)], answer + suffix  # omit
 
 
-def generation_prompt(tokenizer, messages: Conversation, empty_think: str = "mask") -> str:
+def generation_prompt(tokenizer, messages: Conversation, empty_think: str = "mask", tools: list | None = None) -> str:
     """The prompt for the conversation's last assistant turn, as training rendered it."""
-    render = renderer(tokenizer)
+    render = renderer(tokenizer, tools)
     if messages and messages[-1]["role"] == "assistant":
         return final_turn(render, messages, empty_think)[0]
     return render(messages, True)
@@ -334,6 +347,15 @@ def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
         return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     with unpadded(backend):
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+
+
+def encode_prompts(tokenizer, prompts: list[tuple[Conversation, list | None]], empty_think: str,
+                   conversational: list[bool], columns: list[dict]) -> list[PromptExample]:
+    """GRPO prompts (messages, tools) rendered for generation and tokenized in one call."""
+    texts = [generation_prompt(tokenizer, messages, empty_think, tools) for messages, tools in prompts]
+    return [PromptExample(ids, text, messages if conv else text, cols)
+            for ids, text, (messages, _), conv, cols in zip(_token_ids(tokenizer, texts), texts, prompts,
+                                                           conversational, columns)]
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[Example]:

@@ -2,8 +2,10 @@
 
 Kinds: `chat` (alpaca / ShareGPT / OpenAI messages), `text` (pretraining), `preference`
 (chosen/rejected, alpaca or conversation form, LLaMA-Factory `ranking`), `kto` (a chat
-with a boolean desirability label, column `kto_tag`) and `cls` (`text` + `label`; trained
-as a chat whose answer is the label, so the balanced sampler can even out the labels).
+with a boolean desirability label, column `kto_tag`), `cls` (`text` + `label`; trained
+as a chat whose answer is the label, so the balanced sampler can even out the labels) and `prompt`
+(GRPO: a conversation up to the user's last message; the record's other fields ride along for the
+reward functions).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from r1tune.data.formats import (ALPACA_COLUMNS, Conversation, FormatSpec, check
                                  to_conversation)
 from r1tune.errors import UserError
 
-KINDS = ("chat", "text", "preference", "kto", "cls")
+KINDS = ("chat", "text", "preference", "kto", "cls", "prompt")
+# What a reward function is called with besides a prompt record's own fields (TRL's names, and r1tune's prompt_texts).
+RESERVED = ("prompts", "completions", "completion_ids", "trainer_state", "prompt_texts")
 
 
 @dataclass
@@ -27,6 +31,8 @@ class Sample:
     rejected: str = ""
     label: str | None = None  # cls label; kto "true"/"false"
     tools: list | None = None
+    columns: dict | None = None  # prompt kind: the record's other fields (e.g. `answer`), for reward functions
+    conversational: bool = False  # prompt kind: given as messages (TRL then hands reward functions messages)
 
 
 def detect_kind(record: dict, spec: FormatSpec) -> str:
@@ -57,6 +63,8 @@ def to_sample(record: dict, spec: FormatSpec, where: str, kind: str | None = Non
         return Sample("text", where, text=text_field(record, spec.columns.get("text", "text"), where, required=True))
     if kind == "cls":
         return _classification(record, spec, where)
+    if kind == "prompt":
+        return _prompt(record, spec, where)
     messages = to_conversation(record, spec, where)
     tools = _tools(record, spec, where)
     if kind == "kto":
@@ -107,6 +115,39 @@ def _preference(record: dict, spec: FormatSpec, where: str) -> Sample:
     if chosen == rejected:
         raise UserError(f"{where}: fields '{cols['chosen']}' and '{cols['rejected']}' are identical; a preference pair needs two different answers")
     return Sample("preference", where, prompt, chosen=chosen, rejected=rejected, tools=_tools(record, spec, where))
+
+
+def _prompt(record: dict, spec: FormatSpec, where: str) -> Sample:
+    """A GRPO prompt: alpaca (instruction/input, any output ignored), ShareGPT / OpenAI messages (a
+    final assistant message dropped), or TRL's `prompt` column (text, or a list of messages)."""
+    cols = {**ALPACA_COLUMNS, **spec.columns}
+    used = {cols[k] for k in ("prompt", "query", "system", "history")} | {spec.columns.get("tools", "tools")}
+    if "prompt" in record and "prompt" not in spec.columns and cols["prompt"] not in record:  # TRL style
+        value, used = record["prompt"], used | {"prompt"}
+        if isinstance(value, str) and value.strip():
+            messages, conversational = [{"role": "user", "content": value}], False
+        elif isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            messages, conversational = _prompt_turns({"messages": value}, FormatSpec("auto"), where), True
+        else:
+            raise UserError(f"{where}: field 'prompt' must be text or a list of messages, got {type(value).__name__}")
+    elif _has_messages(record, spec):
+        col = spec.columns.get("messages") or ("messages" if "messages" in record else "conversations")
+        messages, conversational, used = _prompt_turns(record, spec, where), True, used | {col}
+    else:
+        stub = {**record, cols["response"]: "-"}
+        messages, conversational = to_conversation(stub, FormatSpec("alpaca", spec.columns, spec.tags), where)[:-1], False
+    columns = {k: v for k, v in record.items() if k not in used and k not in RESERVED}
+    return Sample("prompt", where, messages, tools=_tools(record, spec, where), columns=columns,
+                  conversational=conversational)
+
+
+def _prompt_turns(record: dict, spec: FormatSpec, where: str) -> Conversation:
+    """A message list as a prompt: it ends with the user, or its final assistant message is dropped."""
+    try:
+        return _prompt_messages(record, spec, where)
+    except UserError:
+        whole = to_conversation(record, spec, where)  # raises the record's real problem, if any
+        return whole[:-1]
 
 
 def _answer(value, column: str, spec: FormatSpec, where: str):

@@ -132,7 +132,7 @@ def text_scores(answers: list[str], references: list[str]) -> dict:
 
 def generate(model, tokenizer, prompts: list[str], cfg: RunConfig, desc: str | None = None) -> list[str]:
     """The run's generation settings: greedy, or sampled (seeded by `seed`) with do_sample."""
-    sampling = {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
+    sampling = {"temperature": cfg.temperature or 0.7, "top_p": cfg.top_p} if cfg.do_sample else None
     if sampling:
         torch.manual_seed(cfg.seed)
     return generate_texts(model, tokenizer, prompts, cfg.max_new_tokens, cfg.per_device_eval_batch_size, sampling,

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from r1tune.models.quantize import is_quantized
 from r1tune.process import is_main
+from r1tune.stages import stage_data
 from r1tune.train import batching, checkpoint, optimizers, schedule
 from r1tune.train.callbacks import Callback, Callbacks
 from r1tune.train.checkpoint import TrainerState
@@ -50,11 +51,24 @@ class Stop:
     checkpoint: bool  # save a checkpoint at the step that stopped
 
 
+def examples_per_batch(cfg) -> int:
+    """per_device_train_batch_size counts completions for a stage that generates them (GRPO, as in TRL):
+    its batch is that many / num_generations prompts."""
+    if stage_data(cfg.stage).generates:
+        return max(1, cfg.per_device_train_batch_size // cfg.num_generations)
+    return cfg.per_device_train_batch_size
+
+
+def steps_per_batch(cfg) -> int:
+    """Optimizer steps each batch serves: GRPO's num_iterations, else 1."""
+    return cfg.num_iterations if stage_data(cfg.stage).generates else 1
+
+
 def total_steps(cfg, n_examples: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = batching.steps_per_epoch(n_examples, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-    return max(1, math.ceil(per_epoch * cfg.num_train_epochs))
+    per_epoch = batching.steps_per_epoch(n_examples, examples_per_batch(cfg), cfg.gradient_accumulation_steps)
+    return max(1, math.ceil(per_epoch * steps_per_batch(cfg) * cfg.num_train_epochs))
 
 
 class Engine:
@@ -67,7 +81,8 @@ class Engine:
         if not is_quantized(model):  # bitsandbytes places quantized weights itself
             self.model.to(self.device)
         self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type, model.config)
-        self.plan = batching.BatchPlan(train, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+        self.repeats = steps_per_batch(cfg)
+        self.plan = batching.BatchPlan(train, examples_per_batch(cfg), cfg.gradient_accumulation_steps,
                                        cfg.seed, cfg.group_by_length, cfg.balance_classes, epoch_examples,
                                        self.micro_tokens, stage.lengths(train))
         self.total = total_steps(cfg, len(train))
@@ -156,11 +171,12 @@ class Engine:
 
     def train_step(self, step: int) -> tuple[float, int, float, dict]:
         """One optimizer step; returns (mean loss, non-pad tokens, grad norm, the stage's statistics)."""
-        micro = [part for batch in self.plan.micro_batches(step) for part in self.stage.split(batch, self.micro_tokens)]
+        step_batches, stats = self.stage.begin_step(self, step, self.plan.micro_batches(step // self.repeats))
+        micro = [part for batch in step_batches for part in self.stage.split(batch, self.micro_tokens)]
         batches = [self.stage.collate(b) for b in micro]
         n_units = max(1, sum(self.stage.units(b) for b in batches))
         self.model.train()
-        total_loss, tokens, stats = 0.0, 0, {}
+        total_loss, tokens = 0.0, 0
         for batch in batches:
             batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
             with self.autocast():
@@ -222,7 +238,7 @@ class Engine:
         return metrics
 
     def _epoch(self) -> float:
-        return self.state.global_step / self.plan.per_epoch
+        return self.state.global_step / (self.plan.per_epoch * self.repeats)
 
 
 class _Window:

@@ -43,17 +43,21 @@ class MetricsLog:
             self.writer.close()
 
 
-def read_log(output_dir: Path) -> list[dict]:
-    path = output_dir / "trainer_log.jsonl"
+LOG_FILE = "trainer_log.jsonl"
+SAMPLES_FILE = "completions.jsonl"  # GRPO: sampled completions and their rewards, per logging step
+
+
+def read_log(output_dir: Path, name: str = LOG_FILE) -> list[dict]:
+    path = output_dir / name
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def truncate_log_after(output_dir: Path, step: int) -> None:
+def truncate_log_after(output_dir: Path, step: int, name: str = LOG_FILE) -> None:
     """On resume, forget records logged after the checkpoint's step."""
-    records = [r for r in read_log(output_dir) if r["step"] <= step]
-    path = output_dir / "trainer_log.jsonl"
+    records = [r for r in read_log(output_dir, name) if r["step"] <= step]
+    path = output_dir / name
     if path.exists():
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
@@ -67,7 +71,7 @@ def plot_loss(output_dir: Path) -> Path | None:
 
     records = read_log(output_dir)
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
-    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval"]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval" and "loss" in r]
     if not train:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -80,6 +84,52 @@ def plot_loss(output_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     out = output_dir / "training_loss.png"
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_rewards(output_dir: Path) -> Path | None:
+    """reward_curve.png (GRPO): mean reward per logged step, total and per reward function, the held-out
+    greedy reward where measured; below, completion length and the share cut at max_completion_length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_log(output_dir)
+    train = [r for r in records if r.get("split") == "train" and "reward" in r]
+    if not train:
+        return None
+    steps = [r["step"] for r in train]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(steps, [r["reward"] for r in train], lw=2, label="reward (sampled)")
+    for key in sorted({k for r in train for k in r if k.startswith("rewards/") and k.endswith("/mean")}):
+        top.plot(*zip(*[(r["step"], r[key]) for r in train if key in r]), lw=1, alpha=0.8,
+                 label=key.removeprefix("rewards/").removesuffix("/mean"))
+    evals = [(r["step"], r["reward"]) for r in records if r.get("split") == "eval" and "reward" in r]
+    if evals:
+        top.plot(*zip(*evals), "o--", color="black", label="held-out reward (greedy)")
+    top.set_ylabel("mean reward")
+    top.set_title("r1tune GRPO")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(steps, [r.get("completions/mean_length", float("nan")) for r in train], label="mean completion length")
+    bottom.set_ylabel("tokens")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    share = bottom.twinx()
+    share.plot(steps, [r.get("completions/clipped_ratio", float("nan")) for r in train], color="tab:red",
+               label="clipped ratio")
+    share.plot(steps, [r.get("frac_reward_zero_std", float("nan")) for r in train], color="tab:gray",
+               label="groups with equal rewards")
+    share.set_ylim(-0.05, 1.05)
+    share.set_ylabel("share")
+    lines = bottom.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
+    bottom.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
+    out = output_dir / "reward_curve.png"
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -27,6 +27,10 @@ class Reference:
         """The reference's summed log-probability of every row of the batch (no gradient)."""
         raise NotImplementedError
 
+    def token_logps(self, model, scorer: SequenceScorer, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        """GRPO: the reference's log-probability of every labelled token (sequence_scores.token_logps order)."""
+        raise NotImplementedError
+
     @staticmethod
     def stored(items: list) -> torch.Tensor:
         """Precomputed values of a micro-batch's rows, in row order (each item's first rows, then its second)."""
@@ -36,11 +40,19 @@ class Reference:
 class AdapterOff(Reference):
     @torch.no_grad()
     def logps(self, model, scorer: SequenceScorer, batch: dict) -> torch.Tensor:
+        return self._without_adapter(model, lambda: scorer.logps(batch)[0])
+
+    @torch.no_grad()
+    def token_logps(self, model, scorer: SequenceScorer, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        return self._without_adapter(model, lambda: scorer.token_logps(batch, temperature)[0])
+
+    @staticmethod
+    def _without_adapter(model, score):
         training = model.training
         model.eval()  # the starting policy without dropout, as the other two forms score it
         try:
             with model.disable_adapter():
-                return scorer.logps(batch)[0]
+                return score()
         finally:
             model.train(training)
 
@@ -52,10 +64,17 @@ class FrozenCopy(Reference):
 
     @torch.no_grad()
     def logps(self, model, scorer: SequenceScorer, batch: dict) -> torch.Tensor:
+        return self._placed(batch).logps(batch)[0]
+
+    @torch.no_grad()
+    def token_logps(self, model, scorer: SequenceScorer, batch: dict, temperature: float = 1.0) -> torch.Tensor:
+        return self._placed(batch).token_logps(batch, temperature)[0]
+
+    def _placed(self, batch: dict) -> SequenceScorer:
         device = batch["input_ids"].device
         if next(self.model.parameters()).device != device:  # copied before the engine moved the policy
             self.model.to(device)
-        return self.scorer.logps(batch)[0]
+        return self.scorer
 
 
 class Precomputed(Reference):
@@ -80,13 +99,26 @@ class Precomputed(Reference):
                 item.ref_logps = (values[i], values[n + i])
 
 
-def choose_reference(model, cfg, fresh_adapter: bool) -> tuple[Reference, str]:
+def choose_reference(model, cfg) -> tuple[Reference, str]:
     """The reference for this run and why (printed). Precomputing is the default wherever the adapter
     trick does not apply: it costs one forward pass over the data, never a second model."""
     if cfg.precompute_ref_log_probs:
         return Precomputed(), "precomputed before training (precompute_ref_log_probs)"
-    if fresh_adapter and hasattr(model, "disable_adapter"):
+    if fresh_adapter(cfg) and hasattr(model, "disable_adapter"):
         return AdapterOff(), "the base model with the adapter switched off"
     if cfg.precompute_ref_log_probs is False:
         return FrozenCopy(model, cfg.chunked_loss), "a frozen copy of the model (precompute_ref_log_probs: false)"
     return Precomputed(), "precomputed before training (no adapter to switch off)"
+
+
+def fresh_adapter(cfg) -> bool:
+    """A new LoRA-family adapter on the (possibly merged) base: switching it off gives the starting policy."""
+    continued = cfg.adapter_name_or_path and not cfg.create_new_adapter
+    return cfg.finetuning_type in ("lora", "adalora") and not cfg.pissa_init and not continued
+
+
+def policy_reference(model, cfg) -> tuple[Reference, str]:
+    """GRPO's reference (beta > 0): its completions are new each step, so nothing can be precomputed."""
+    if fresh_adapter(cfg) and hasattr(model, "disable_adapter"):
+        return AdapterOff(), "the base model with the adapter switched off"
+    return FrozenCopy(model, cfg.chunked_loss), "a frozen copy of the starting model"

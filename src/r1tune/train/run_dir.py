@@ -18,10 +18,10 @@ from r1tune.models.expert_selection import EXPERT_LOAD_FILE
 from r1tune.models.methods import exact_lora_targets
 from r1tune.models.value_head import VALUE_HEAD_FILE
 from r1tune.train.checkpoint import list_checkpoints
-from r1tune.train.logs import truncate_log_after
+from r1tune.train.logs import SAMPLES_FILE, truncate_log_after
 
 FINISHED_MARKERS = ("adapter_config.json", "model.safetensors", "r1tune_config.yaml", BOTTLENECK_CONFIG)
-RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", "update_heatmap.png", "eval_results.json", "r1tune_config.yaml",
+RUN_ARTIFACTS = ("trainer_log.jsonl", "runs", "training_loss.png", SAMPLES_FILE, "reward_curve.png", "update_heatmap.png", "eval_results.json", "r1tune_config.yaml",
                  "skipped_records.jsonl", "adalora_ranks.json", "adalora_ranks.png", BOTTLENECK_CONFIG,
                  BOTTLENECK_WEIGHTS, EXPERT_LOAD_FILE,
                  "adapter_model.safetensors", "adapter_config.json", VALUE_HEAD_FILE, "model.safetensors",
@@ -59,6 +59,7 @@ def clear_previous_run(out: Path) -> None:
 def forget_after(out: Path, step: int) -> None:
     """A resumed run drops what the interrupted run wrote after `step` (log lines, newer checkpoints)."""
     truncate_log_after(out, step)
+    truncate_log_after(out, step, SAMPLES_FILE)
     for newer in list_checkpoints(out):
         if int(newer.name.split("-")[1]) > step:
             shutil.rmtree(newer)

@@ -1,5 +1,6 @@
 """Per-sequence quantities the preference and reward stages train on: the summed log-probability of
-each row's labelled tokens (and their count), and the last hidden state of each row's last token.
+each row's labelled tokens (and their count), and the last hidden state of each row's last token;
+and per token, for GRPO, each labelled token's log-probability and the entropy at its position.
 
 Only labelled positions are scored through the output head (never the full logits of every
 position), so memory follows the answers' length, not the prompt's.
@@ -8,6 +9,7 @@ position), so memory follows the answers' length, not the prompt's.
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from r1tune.data.encode import IGNORE
 from r1tune.train import batching
@@ -40,6 +42,11 @@ class SequenceScorer:
         states, weight = self.hidden_and_head(batch)
         return label_logps(states, weight, batch["labels"], batch.get("row_ids"))
 
+    def token_logps(self, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_logps of the batch's labelled tokens under the model."""
+        states, weight = self.hidden_and_head(batch)
+        return token_logps(states, weight, batch["labels"], temperature)
+
 
 def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor,
                 row_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +65,34 @@ def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch
         owner, count = row_ids[:, 1:][mask], int(row_ids.max()) + 1
     sums = torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, owner, token_logps)
     return sums, torch.zeros(count, dtype=torch.long, device=labels.device).index_add(0, owner, torch.ones_like(owner))
+
+
+TOKEN_CHUNK = 1024  # labelled tokens scored through the head at once
+
+
+def token_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor, temperature: float = 1.0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label) of every labelled token under logits / temperature (fp32, with gradient), the entropy
+    of that distribution at each (no gradient)), flat in row-major order of the labelled positions.
+
+    Tokens go through the head TOKEN_CHUNK at a time; with more than one chunk each is recomputed in the
+    backward pass, so only one chunk's logits over the vocabulary are ever held."""
+    states = states[:, states.size(1) - labels.size(1):]  # prompt tuning's virtual tokens come first
+    mask = labels[:, 1:] != IGNORE
+    rows, targets = states[:, :-1][mask], labels[:, 1:][mask]
+    if rows.size(0) <= TOKEN_CHUNK:
+        return _chunk_logps(rows, weight, targets, temperature)
+    parts = [checkpoint(_chunk_logps, rows[i:i + TOKEN_CHUNK], weight, targets[i:i + TOKEN_CHUNK], temperature,
+                        use_reentrant=False) for i in range(0, rows.size(0), TOKEN_CHUNK)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _chunk_logps(rows: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor, temperature: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = rows if weight is None else rows @ weight.to(rows.dtype).T
+    logps = (logits.float() / temperature).log_softmax(-1)
+    entropy = -(logps.detach().exp() * logps.detach()).sum(-1)
+    return logps.gather(1, targets[:, None]).squeeze(1), entropy
 
 
 def last_token_states(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """What a stage gives the engine: how its examples become micro-batches, what one optimizer step's
-loss is averaged over, the loss itself, and its held-out metrics.
+loss is averaged over, the loss itself, and its held-out metrics (and, for a stage that generates what
+it trains on, how a step's examples become that: begin_step).
 
 The engine sums `loss(model, batch)` over a step's micro-batches and divides by the step's total
 `units` (target tokens for causal-LM training, pairs for preference training), so the update is
@@ -29,6 +30,11 @@ def add_stats(total: Stats, new: Stats) -> None:
 
 
 class StageLoss:
+    def begin_step(self, engine, step: int, batches: list[list]) -> tuple[list[list], Stats]:
+        """The step's batches as the loss takes them, and statistics to log with the step. Most stages
+        train on their examples as they are; GRPO completes its prompts here (rollouts)."""
+        return batches, {}
+
     def split(self, examples: list, budget: int) -> list[list]:
         """A batch cut into micro-batches of at most `budget` padded tokens (0: whole)."""
         return batching.split_by_tokens(examples, budget)

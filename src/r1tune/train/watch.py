@@ -134,9 +134,9 @@ def watch_callbacks(model, cfg, generation: Callable[[], dict] | None = None) ->
     if generation is not None and cfg.generate_metrics_steps:
         items.append(GenerationMetrics(generation, cfg.generate_metrics_steps))
     mode = None if cfg.greater_is_better is None else ("max" if cfg.greater_is_better else "min")
-    stopping = EarlyStopping(cfg.metric_for_best_model, cfg.early_stopping_patience or 0, mode)
+    stopping = EarlyStopping(cfg.best_metric, cfg.early_stopping_patience or 0, mode)
     if cfg.lr_plateau_patience:  # before early stopping: an evaluation lowers the rate, then may stop
-        items.append(PlateauLR(cfg.metric_for_best_model, stopping.stopper.mode, cfg.lr_plateau_factor,
+        items.append(PlateauLR(cfg.best_metric, stopping.stopper.mode, cfg.lr_plateau_factor,
                                cfg.lr_plateau_patience))
     return items + [stopping]
 

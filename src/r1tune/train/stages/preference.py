@@ -73,19 +73,13 @@ def make_stage(run):
         return RewardModelLoss(model, pad, cfg.chunked_loss, model.v_head), None
     reference = None
     if cfg.stage == "kto" or cfg.pref_loss not in ("orpo", "simpo"):
-        reference, why = choose_reference(model, cfg, fresh_adapter(cfg))
+        reference, why = choose_reference(model, cfg)
         console.print(f"reference model: {why}")
     if cfg.stage == "kto":
         return KTOLoss(model, pad, cfg.chunked_loss, reference, cfg.pref_beta, cfg.kto_chosen_weight,
                        cfg.kto_rejected_weight, cfg.pref_ftx), reference
     return DPOLoss(model, pad, cfg.chunked_loss, reference, cfg.pref_loss, cfg.pref_beta, cfg.pref_ftx,
                    cfg.simpo_gamma, cfg.dpo_label_smoothing), reference
-
-
-def fresh_adapter(cfg: RunConfig) -> bool:
-    """A new LoRA-family adapter on the (possibly merged) base: switching it off gives the starting policy."""
-    continued = cfg.adapter_name_or_path and not cfg.create_new_adapter
-    return cfg.finetuning_type in ("lora", "adalora") and not cfg.pissa_init and not continued
 
 
 def _save_head(run) -> None:
