@@ -393,3 +393,26 @@ def test_resume_equals_uninterrupted(iterations, tiny_qwen, tmp_path):
             if name in reference[step]:
                 assert resumed[step][name] == pytest.approx(reference[step][name], abs=1e-6), (step, name)
     assert reference[6]["entropy"] != reference[4]["entropy"]  # the run moved after the checkpoint
+
+
+def test_router_balance_loss_joins_where_the_model_has_one(tiny_ds, tokenizer):
+    """A Qwen2-MoE (router_aux_loss_coef) adds its load-balancing loss; the tiny DeepSeek-V3 has none."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from r1tune.train.sequence_scores import router_aux
+
+    config = Qwen2MoeConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=32, router_aux_loss_coef=0.5)
+    torch.manual_seed(0)
+    moe = Qwen2MoeForCausalLM(config).eval()
+    stage = _stage(moe, tokenizer, "dapo")
+    (batch,) = _rollouts(stage, torch.Generator().manual_seed(5), batches=1)
+    collated = stage.collate(batch)
+    with torch.no_grad():
+        loss, stats = stage.loss(moe, collated)
+        ids, mask = collated["input_ids"], collated["attention_mask"]
+        want = moe(input_ids=ids, attention_mask=mask, output_router_logits=True).aux_loss * 0.5
+    assert stats["aux_loss"][0] == pytest.approx(float(want), rel=1e-5)
+    assert float(loss) == pytest.approx(float(-collated["advantages"].sum() + want * stage.units(collated)), rel=1e-4)
+    assert router_aux(AutoModelForCausalLM.from_pretrained(tiny_ds)) is None

@@ -136,7 +136,7 @@ class GRPOLoss(StageLoss, Callback):
         return float(batch["n_units"])
 
     def loss(self, model, batch: dict) -> tuple[torch.Tensor, Stats]:
-        logps, entropy = self.scorer.token_logps(batch, self.s.temperature)
+        logps, entropy, aux = self.scorer.token_logps_and_aux(batch, self.s.temperature)
         old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # one step per round: ratio 1
         per_token, info = token_terms(logps, old, batch["advantages"], self.s.epsilon, self.s.epsilon_high,
                                       self.s.beta, batch.get("ref_logps"))
@@ -146,7 +146,11 @@ class GRPOLoss(StageLoss, Callback):
                  "clip_ratio/high_mean": (high, n), "clip_ratio/region_mean": (low + high, n)}
         if "kl" in info:
             stats["kl"] = (float(info["kl"].detach().sum()), n)
-        return (per_token * batch["token_weights"]).sum(), stats
+        loss = (per_token * batch["token_weights"]).sum()
+        if aux is not None:  # the router's balance term, weighted by the micro-batch's share of the step
+            loss = loss + aux * self.units(batch)
+            stats["aux_loss"] = (float(aux.detach()), 1)
+        return loss, stats
 
     @torch.no_grad()
     def evaluate(self, model, examples: list, batch_size: int, micro_tokens: int, autocast=nullcontext) -> dict:

@@ -8,6 +8,8 @@ position), so memory follows the answers' length, not the prompt's.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -21,6 +23,7 @@ class SequenceScorer:
 
     def __init__(self, model, chunked: bool | None = None):
         self.model, self.split = model, choose_loss_path(model, chunked)
+        self.aux = router_aux(model)
 
     def hidden_and_head(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(last hidden states (rows, seq, dim), head weight), or (logits, None) when the head is not plain."""
@@ -47,6 +50,25 @@ class SequenceScorer:
         states, weight = self.hidden_and_head(batch)
         return token_logps(states, weight, batch["labels"], temperature)
 
+    def token_logps_and_aux(self, batch: dict, temperature: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """token_logps, and the router's load-balancing loss times its coefficient on MoE models that train
+        with one (None elsewhere)."""
+        if self.aux is None:
+            return *self.token_logps(batch, temperature), None
+        inputs = {**batching.model_inputs(batch), "use_cache": False, "output_router_logits": True}
+        balance, coef = self.aux
+        config = self.model.config
+        experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+        if self.split is not None:
+            out = self.split[0](**inputs)
+            states, weight = out.last_hidden_state, self.split[1].weight
+        else:
+            out = self.model(**inputs)
+            states, weight = out.logits, None
+        aux = balance(out.router_logits, experts, config.num_experts_per_tok, batch.get("attention_mask"))
+        return *token_logps(states, weight, batch["labels"], temperature), coef * aux
+
 
 def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch.Tensor,
                 row_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +87,18 @@ def label_logps(states: torch.Tensor, weight: torch.Tensor | None, labels: torch
         owner, count = row_ids[:, 1:][mask], int(row_ids.max()) + 1
     sums = torch.zeros(count, dtype=torch.float32, device=labels.device).index_add(0, owner, token_logps)
     return sums, torch.zeros(count, dtype=torch.long, device=labels.device).index_add(0, owner, torch.ones_like(owner))
+
+
+def router_aux(model) -> tuple | None:
+    """(the model family's load-balancing loss function, router_aux_loss_coef) for MoE models trained with
+    one (Mixtral, Qwen2-MoE, Qwen3-MoE, ...); None for the rest (DeepSeek-V3 balances experts without one)."""
+    config = getattr(model, "config", None)
+    coef = getattr(config, "router_aux_loss_coef", 0) or 0
+    if not coef or not hasattr(config, "output_router_logits") or not hasattr(config, "num_experts_per_tok"):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    func = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    return (func, coef) if func is not None else None
 
 
 TOKEN_CHUNK = 1024  # labelled tokens scored through the head at once
