@@ -9,12 +9,10 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from r1tune.config import validate_config
 from r1tune.data.dataset import load_samples
 from r1tune.errors import UserError
 from r1tune.train.logs import read_log
@@ -366,7 +364,7 @@ def test_each_guard_fires(reward, keys, signal, tiny_qwen, reward_file, tmp_path
     result = run_stage(grpo_cfg(tiny_qwen, data, out, reward_funcs=[spec], grpo_guard="stop", grpo_guard_window=2,
                                 max_steps=5, **keys))
     printed = capsys.readouterr().out.replace("\n", " ")
-    assert f"grpo_guard: for the last 2 rounds" in printed and f"({signal} " in printed
+    assert "grpo_guard: for the last 2 rounds" in printed and f"({signal} " in printed
     assert result.stopped_early and result.global_step == 2 and (out / "checkpoint-2").is_dir()
 
 
