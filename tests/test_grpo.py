@@ -414,3 +414,16 @@ def test_router_balance_loss_joins_where_the_model_has_one(tiny_ds, tokenizer):
     assert stats["aux_loss"][0] == pytest.approx(float(want), rel=1e-5)
     assert float(loss) == pytest.approx(float(-collated["advantages"].sum() + want * stage.units(collated)), rel=1e-4)
     assert router_aux(AutoModelForCausalLM.from_pretrained(tiny_ds)) is None
+
+
+def test_built_ins_read_the_rendered_prompt_of_conversational_records():
+    """Conversational prompts reach reward functions as messages (as in TRL); think_format and accuracy
+    still see that the R1 template opened <think>, through prompt_texts."""
+    from r1tune.train.rewards import accuracy, think_format
+
+    messages = [[{"role": "user", "content": "1+1?"}]]
+    completions = [[{"role": "assistant", "content": "one plus one</think>2"}]]
+    texts = ["<｜User｜>1+1?<｜Assistant｜><think>\n"]
+    assert think_format(messages, completions, prompt_texts=texts) == [1.0]
+    assert think_format(messages, completions) == [0.0]  # without the rendered prompt: no <think> seen
+    assert accuracy(messages, completions, answer=["2"], prompt_texts=texts) == [1.0]

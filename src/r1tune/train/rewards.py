@@ -39,11 +39,12 @@ def _opened(prompt) -> bool:
     return isinstance(prompt, str) and prompt_opens_reasoning(prompt)
 
 
-def think_format(prompts: list, completions: list, **_) -> list[float]:
+def think_format(prompts: list, completions: list, prompt_texts: list | None = None, **_) -> list[float]:
     """1.0 when a completion is non-empty reasoning, `</think>`, then a non-empty answer, else 0.0.
-    Where the prompt already opened `<think>` (R1-Distill templates) the completion starts inside it."""
+    Where the prompt already opened `<think>` (R1-Distill templates) the completion starts inside it;
+    r1tune passes the rendered prompts as `prompt_texts` (conversational `prompts` are messages)."""
     scores = []
-    for prompt, completion in zip(prompts, completions):
+    for prompt, completion in zip(prompt_texts or prompts, completions):
         reasoning, answer = split_output(text_of(completion), _opened(prompt))  # unclosed: answer ""
         scores.append(1.0 if reasoning and answer else 0.0)
     return scores
@@ -95,7 +96,7 @@ def answers_match(predicted: str, reference: str) -> bool:
 
 
 def accuracy(prompts: list, completions: list, answer: list | None = None, solution: list | None = None,
-             **_) -> list[float | None]:
+             prompt_texts: list | None = None, **_) -> list[float | None]:
     """1.0 when the final answer after `</think>` matches the record's `answer` (or `solution`), else 0.0;
     None (abstain) for records without one."""
     references = answer if answer is not None else solution
@@ -103,7 +104,7 @@ def accuracy(prompts: list, completions: list, answer: list | None = None, solut
         return [None] * len(completions)
     return [None if ref is None or str(ref).strip() == "" else
             float(answers_match(final_answer(completion, prompt), str(ref)))
-            for prompt, completion, ref in zip(prompts, completions, references)]
+            for prompt, completion, ref in zip(prompt_texts or prompts, completions, references)]
 
 
 def soft_overlong(max_completion_length: int, buffer: int) -> RewardFunc:
