@@ -427,3 +427,14 @@ def test_built_ins_read_the_rendered_prompt_of_conversational_records():
     assert think_format(messages, completions, prompt_texts=texts) == [1.0]
     assert think_format(messages, completions) == [0.0]  # without the rendered prompt: no <think> seen
     assert accuracy(messages, completions, answer=["2"], prompt_texts=texts) == [1.0]
+
+
+def test_leakage_compares_the_prompts_themselves(tiny_qwen, tmp_path):
+    from transformers import AutoTokenizer
+
+    from r1tune.data.prepare import prepare_data
+
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(24))
+    cfg = grpo_cfg(tiny_qwen, data, tmp_path / "out", val_size=4)
+    report = prepare_data(cfg, AutoTokenizer.from_pretrained(tiny_qwen), say=lambda *_: None).report
+    assert report.leakage.checked == 4 and report.leakage.leaked == 0

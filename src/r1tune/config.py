@@ -163,8 +163,8 @@ class GrpoArgs(_Section):
     overlong_buffer_len: Optional[int] = Field(None, ge=1, description="The length reward: the last this-many tokens before max_completion_length are penalised linearly down to -1; empty: a quarter of max_completion_length.")
     log_completions: bool = Field(True, description="Write a few prompts, completions and their rewards to completions.jsonl at every logging step.")
     num_completions_to_print: int = Field(4, ge=1, description="How many completions log_completions writes per logging step.")
-    grpo_guard: Literal["warn", "stop", "off"] = Field("warn", description="When, over grpo_guard_window steps, the share of groups with equal rewards, of completions cut at max_completion_length, or of zero rewards stays above grpo_guard_threshold (the run learns nothing), warn naming the likely cause and the key to change; stop also saves a checkpoint and ends the run.")
-    grpo_guard_window: int = Field(10, ge=1, description="Steps the guard looks back over.")
+    grpo_guard: Literal["warn", "stop", "off"] = Field("warn", description="When, over grpo_guard_window rounds of rollouts, the share of groups with equal rewards, of completions cut at max_completion_length, or of zero rewards stays above grpo_guard_threshold (the run learns nothing), warn naming the likely cause and the key to change; stop also saves a checkpoint and ends the run.")
+    grpo_guard_window: int = Field(10, ge=1, description="Rounds of rollouts the guard looks back over (one per step unless num_iterations > 1).")
     grpo_guard_threshold: float = Field(0.9, gt=0.0, le=1.0, description="Share above which a guard signal counts as stuck.")
     generation_batch_rows: int = Field(64, ge=1, description="Rows the rollout decoder runs at once (waiting completions join as others finish).")
 

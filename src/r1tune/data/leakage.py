@@ -43,7 +43,7 @@ class Leakage:
 def prompt_text(sample: Sample) -> str:
     if sample.kind == "text":
         return sample.text
-    turns = sample.messages if sample.kind == "preference" else sample.messages[:-1]
+    turns = sample.messages if sample.kind in ("preference", "prompt") else sample.messages[:-1]
     return "\n".join(str(turn.get("content") or "") for turn in turns)
 
 

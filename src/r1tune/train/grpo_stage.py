@@ -82,6 +82,12 @@ class Settings:
                    cfg.num_completions_to_print, cfg.seed)
 
 
+def rollout_precision(engine):
+    """Autocast for decoding on accelerators; on CPU decoding stays fp32: one row-token at a time, autocast
+    re-casts the frozen weights every step (tiny Qwen2, 16 rows: 9.6 vs 6.8 ms per token)."""
+    return nullcontext() if engine.device.type == "cpu" else engine.autocast()
+
+
 def sample_seed(seed: int, round_: int, prompt: int, generation: int) -> int:
     """The sampling seed of one completion; string seeding is stable across processes and versions."""
     return random.Random(f"grpo/{seed}/{round_}/{prompt}/{generation}").getrandbits(63)
@@ -101,7 +107,6 @@ class GRPOLoss(StageLoss, Callback):
         self.repeats = settings.num_iterations
         self.rollouts: list[list[Rollout]] | None = None  # the current round's batches
         self.round = -1
-        self.checked = False  # reward functions are checked on their first call
         self.samples: list[dict] = []  # a few completions of the latest round, for completions.jsonl
         self.signals: dict[str, float] = {}  # the latest round's guard signals (grpo_guard)
 
@@ -181,7 +186,7 @@ class GRPOLoss(StageLoss, Callback):
         model.eval()
         params = [Params(self.s.max_completion_length, self.s.temperature, self.s.top_p,
                          sample_seed(self.s.seed, round_, p.index, j)) for p in prompts for j in range(g)]
-        with engine.autocast():
+        with rollout_precision(engine):
             done = complete(model, [p.input_ids for p in prompts for _ in range(g)], params, self.eos_ids,
                             self.pad_id, self.s.generation_batch_rows)
         expanded = [p for p in prompts for _ in range(g)]
@@ -207,9 +212,7 @@ class GRPOLoss(StageLoss, Callback):
                       prompt_texts=[p.text for p in prompts], trainer_state=SimpleNamespace(global_step=step or 0,
                                                                                            max_steps=total),
                       **columns)
-        per_func = [call_reward(func, len(texts), checked=not self.checked, **inputs) for func in self.funcs]
-        self.checked = True
-        return per_func, texts
+        return [call_reward(func, len(texts), **inputs) for func in self.funcs], texts
 
     def _batches(self, batches: list[list], expanded: list, done: list, advantages: list[float]) -> list[list[Rollout]]:
         """Rollouts grouped as the step's batches were, each with its loss weight and units."""

@@ -99,9 +99,8 @@ def accuracy(prompts: list, completions: list, answer: list | None = None, solut
              prompt_texts: list | None = None, **_) -> list[float | None]:
     """1.0 when the final answer after `</think>` matches the record's `answer` (or `solution`), else 0.0;
     None (abstain) for records without one."""
-    references = answer if answer is not None else solution
-    if references is None:
-        return [None] * len(completions)
+    n = len(completions)
+    references = [a if a is not None else s for a, s in zip(answer or [None] * n, solution or [None] * n)]
     return [None if ref is None or str(ref).strip() == "" else
             float(answers_match(final_answer(completion, prompt), str(ref)))
             for prompt, completion, ref in zip(prompt_texts or prompts, completions, references)]
@@ -165,8 +164,9 @@ def func_name(func) -> str:
 
 
 def call_reward(func, n: int, checked: bool = True, **inputs) -> list[float]:
-    """func(**inputs) as n floats (NaN where it abstained). With `checked` (the first batch), an
-    exception, a wrong count or a non-number is one line naming the function and what it returned."""
+    """func(**inputs) as n floats (NaN where it abstained). With `checked` (GRPO checks every call: it costs
+    nothing next to generation), an exception, a wrong count or a non-number is one line naming the
+    function and what it returned."""
     name = func_name(func)
     try:
         values = func(**inputs)

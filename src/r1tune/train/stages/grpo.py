@@ -43,7 +43,8 @@ def run_grpo(cfg: RunConfig) -> TrainResult | None:
     lifecycle.start(run, engine)
     before = engine.evaluate() if run.data.val and run.resume is None else None
     result = engine.fit()
-    after = result.eval_metrics or (engine.evaluate() if run.data.val else {})
+    fresh = result.stopped_early or not result.eval_metrics  # a guard's stop comes after the last evaluation
+    after = (engine.evaluate() if run.data.val else {}) if fresh else result.eval_metrics
     lifecycle.finish(run, result, before, after)
     if is_main() and cfg.plot_loss and (png := plot_rewards(run.out)):
         console.print(f"reward curve: {png}")
