@@ -438,3 +438,4 @@ def test_leakage_compares_the_prompts_themselves(tiny_qwen, tmp_path):
     cfg = grpo_cfg(tiny_qwen, data, tmp_path / "out", val_size=4)
     report = prepare_data(cfg, AutoTokenizer.from_pretrained(tiny_qwen), say=lambda *_: None).report
     assert report.leakage.checked == 4 and report.leakage.leaked == 0
+
