@@ -86,7 +86,7 @@ def test_preference_keys_have_llamafactory_defaults():
 
 def test_stage_keys_belong_to_the_stage_sections():
     owned = {key for keys in STAGE_KEYS.values() for key in keys}
-    assert owned == set(SECTIONS["dpo"].model_fields) | set(SECTIONS["kto"].model_fields)
+    assert owned == set(SECTIONS["dpo"].model_fields) | set(SECTIONS["kto"].model_fields) | set(SECTIONS["grpo"].model_fields)
     assert typing.get_args(RunConfig.model_fields["stage"].annotation) == tuple(STAGES)
 
 
