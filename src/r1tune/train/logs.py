@@ -83,12 +83,7 @@ def plot_loss(output_dir: Path) -> Path | None:
     ax.set_title("r1tune training loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = output_dir / "training_loss.png"
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return out
+    return _save_png(fig, output_dir / "training_loss.png")
 
 
 def plot_rewards(output_dir: Path) -> Path | None:
@@ -129,7 +124,13 @@ def plot_rewards(output_dir: Path) -> Path | None:
     share.set_ylabel("share")
     lines = bottom.get_legend_handles_labels()[0] + share.get_legend_handles_labels()[0]
     bottom.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="upper left")
-    out = output_dir / "reward_curve.png"
+    return _save_png(fig, output_dir / "reward_curve.png")
+
+
+def _save_png(fig, out: Path) -> Path:
+    """Write a figure atomically (a crash never leaves half a PNG) and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
