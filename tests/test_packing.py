@@ -118,6 +118,7 @@ def test_packed_sft_run_with_eval_dataset(tiny_ds, parity_file, tmp_path):
 
 def test_collate_rounds_width_and_masks_the_extra_padding():
     batch = collate([Example([5] * 70, [5] * 70), Example([1, 2], [1, 2])], pad_id=0)
-    assert batch["input_ids"].shape == (2, 128)
+    assert batch["input_ids"].shape == (2, 80)  # short rows: a multiple of 16
+    assert collate([Example([5] * 300, [5] * 300)], pad_id=0)["input_ids"].shape == (1, 320)  # long: of 64
     assert int(batch["attention_mask"].sum()) == 72 == int(batch["num_tokens"])
     assert int((batch["labels"] != -100).sum()) == 72

@@ -22,11 +22,11 @@ PROMPTS = ["What is 2+2?", "Tell me a story about a dragon and a knight in a cas
 def loaded(request, tiny_ds, tiny_qwen):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from r1tune.models.attention import use_fused_cpu_attention
+    from r1tune.models.attention import use_cpu_attention
 
     path = tiny_ds if request.param == "ds" else tiny_qwen
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    use_fused_cpu_attention(model)  # as r1tune loads it
+    use_cpu_attention(model)  # as r1tune loads it
     return model, AutoTokenizer.from_pretrained(path)
 
 

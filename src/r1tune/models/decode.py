@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from r1tune.models.lean_decode import lean_step
 from r1tune.models.sampling import Params, pick_tokens
 
 
@@ -65,6 +66,7 @@ class Batch:
         self.virtual = virtual_prompt(model)
         self.model = model.get_base_model() if self.virtual else model  # virtual tokens are fed in by hand
         self.keyword = cache_keyword(model)
+        self.lean = lean_step(self.model)  # decode steps without transformers' per-call cost (None: not covered)
         self.rows, self.cache = [], new_cache(model)
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
         self._prefill(rows)
@@ -120,7 +122,10 @@ class Batch:
         last = torch.tensor([[r.ids[-1]] for r in self.rows], device=self.device)
         self.mask = F.pad(self.mask, (0, 1), value=1)
         positions = torch.tensor([[r.position] for r in self.rows], device=self.device)
-        logits = self.forward(last, self.mask, positions, self.cache)
+        if self.lean is not None:
+            logits = self.lean(last, self.mask, positions, self.cache)
+        else:
+            logits = self.forward(last, self.mask, positions, self.cache)
         for r in self.rows:
             r.position += 1
         self._advance(self.rows, logits, first=0)

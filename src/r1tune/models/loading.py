@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from r1tune.errors import UserError
-from r1tune.models.attention import use_fused_cpu_attention
+from r1tune.models.attention import use_cpu_attention
 from r1tune.process import is_main
 
 
@@ -80,7 +80,7 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code:
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"could not load the model '{name}' ({_first_line(exc)}); check model_name_or_path") from None
-    use_fused_cpu_attention(model)  # MLA: same numbers, a fraction of the attention memory on CPU
+    use_cpu_attention(model)  # CPU: MLA through the fused kernel, short training rows written out
     if quantization is not None:
         flatten_int8_inputs(model)
         keep_4bit_layout(model)

@@ -95,14 +95,22 @@ def step_micro_batches(examples: list[Example], batch_size: int, accumulation: i
     return BatchPlan(examples, batch_size, accumulation, seed, group_by_length).micro_batches(step)
 
 
-# Widths are rounded up to this so a run sees a few dozen tensor shapes, not hundreds: oneDNN's
-# bf16 kernels keep per-shape state, and free-form widths grew a 20M Qwen2 run's peak RSS from
-# 1.3 to 2.5 GB at the same speed (bench/train_throughput.py before and after commit d9eb960).
-# Also what GPU tensor cores like.
+# Widths are rounded up so a run sees a few dozen tensor shapes, not hundreds: oneDNN's bf16
+# kernels keep per-shape state, and free-form widths grew a 20M Qwen2 run's peak RSS from 1.3 to
+# 2.5 GB at the same speed (bench/train_throughput.py before and after commit d9eb960). Also what
+# GPU tensor cores like. Short rows get a finer step: rounding GRPO's 84-token rows (prompt +
+# 64-token completion) up to 128 made a third of every update padding (tiny Qwen2, 16 rows,
+# forward + backward: 219 ms at width 128, 150 ms at 96).
 PAD_MULTIPLE = 64
 
 
-def padded_width(longest: int, multiple: int = PAD_MULTIPLE) -> int:
+def pad_multiple(longest: int) -> int:
+    """The rounding step for a batch whose longest row has `longest` tokens: 16 up to 128, 32 up to 256, then 64."""
+    return 16 if longest <= 128 else 32 if longest <= 256 else PAD_MULTIPLE
+
+
+def padded_width(longest: int, multiple: int | None = None) -> int:
+    multiple = multiple or pad_multiple(longest)
     return -(-longest // multiple) * multiple
 
 
@@ -141,7 +149,7 @@ def micro_batch_budget(setting: int | None, device_type: str, config=None) -> in
     return CPU_MICRO_BATCH_TOKENS * max(1, min(CPU_MICRO_BATCH_MAX_STEPS, steps))
 
 
-def split_by_tokens(batch: list[Example], budget: int, multiple: int = PAD_MULTIPLE) -> list[list[Example]]:
+def split_by_tokens(batch: list[Example], budget: int, multiple: int | None = None) -> list[list[Example]]:
     """Longest-first sub-batches whose padded size (rows x collate's width) stays within `budget`
     (one row at least).
 
@@ -150,7 +158,7 @@ def split_by_tokens(batch: list[Example], budget: int, multiple: int = PAD_MULTI
     return cut_longest_first(batch, budget, size=lambda e: len(e.input_ids), multiple=multiple)
 
 
-def cut_longest_first(items: list, budget: int, size, multiple: int = PAD_MULTIPLE) -> list[list]:
+def cut_longest_first(items: list, budget: int, size, multiple: int | None = None) -> list[list]:
     """split_by_tokens for any items with a `size` (token count); budget <= 0 keeps them whole."""
     if budget <= 0:
         return [items]
@@ -164,7 +172,7 @@ def cut_longest_first(items: list, budget: int, size, multiple: int = PAD_MULTIP
 
 
 def collate(batch: list[Example], pad_id: int, attn: str = "sdpa",
-            multiple: int = PAD_MULTIPLE) -> dict[str, torch.Tensor]:
+            multiple: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest row (rounded up to `multiple`); padding is masked out of attention and loss.
 
     Packed rows (Example.segments) get positions restarting per sample and a

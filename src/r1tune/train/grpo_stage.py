@@ -24,6 +24,7 @@ import torch
 from r1tune.data.encode import IGNORE, Example
 from r1tune.models.attention import mask_format
 from r1tune.models.decode import complete, eos_ids_of
+from r1tune.models.lora_fold import folded_lora
 from r1tune.models.sampling import Params
 from r1tune.train import batching
 from r1tune.train.callbacks import Callback
@@ -161,7 +162,7 @@ class GRPOLoss(StageLoss, Callback):
     def evaluate(self, model, examples: list, batch_size: int, micro_tokens: int, autocast=nullcontext) -> dict:
         """Greedy completions of the held-out prompts, scored by the reward functions."""
         model.eval()
-        with autocast():
+        with autocast(), folded_lora(model):
             done = complete(model, [e.input_ids for e in examples],
                             [Params(self.s.max_completion_length) for _ in examples], self.eos_ids, self.pad_id,
                             self.s.generation_batch_rows)
@@ -186,7 +187,7 @@ class GRPOLoss(StageLoss, Callback):
         model.eval()
         params = [Params(self.s.max_completion_length, self.s.temperature, self.s.top_p,
                          sample_seed(self.s.seed, round_, p.index, j)) for p in prompts for j in range(g)]
-        with rollout_precision(engine):
+        with rollout_precision(engine), folded_lora(model):
             done = complete(model, [p.input_ids for p in prompts for _ in range(g)], params, self.eos_ids,
                             self.pad_id, self.s.generation_batch_rows)
         expanded = [p for p in prompts for _ in range(g)]
