@@ -2,8 +2,8 @@
 without transformers' per-call machinery (output capturing, mask builders, keyword plumbing).
 
 Decoding a small model is bound by that per-call cost, not by its matmuls: tiny Qwen2 (3.8M, 4
-layers), 16 rows, one step (sampling included) 4.6 ms through the model's forward vs 3.1 ms here (bench/grpo_vs_trl.py's
-rollouts). Every block is still the model's own module, called as a module (its norms, projections,
+layers), 16 rows, one step (sampling included) 4.6 ms through the model's forward vs 3.1 ms here
+(bench/grpo_vs_trl.py's rollouts). Every block is still the model's own module, called as a module (its norms, projections,
 MLP, rotary embedding and rotary function), so PEFT layers, quantized linears and hooks on those
 modules behave as in the full forward; only the glue between them is ours. The step writes into the
 same transformers cache the full forward fills, so prefills (and anything not covered here) go
