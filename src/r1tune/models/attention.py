@@ -10,10 +10,10 @@ Padding v with zeros to the q/k width and cutting the output back gives the same
 column of v contributes only a zero output column) through the fused kernel.
 
 2. Short rows in training. The fused CPU kernel's backward is slow on short rows: tiny Qwen2, 16
-rows of 96 tokens (GRPO's prompt + completion), bf16 forward+backward 174 ms with it, 137 ms with
-attention written out (scores, softmax in fp32, weighted values, as transformers' eager attention),
-while from 256 tokens on the fused kernel is as fast or faster (1,024 tokens: 285 vs 472 ms) and
-needs far less memory. So rows of at most SHORT_ROWS tokens are written out when gradients are on.
+rows of 96 tokens (GRPO's prompt + completion), LoRA, bf16 forward+backward 142 ms with it, 129 ms
+with attention written out (scores, softmax in fp32, weighted values, as transformers' eager attention;
+python bench/decode_step.py; 174 vs 137 ms with GRPO's loss in a profiling run), while written out
+loses from 256 tokens on (1,024 tokens: 472 vs 285 ms in that run) and needs far more memory. So rows of at most SHORT_ROWS tokens are written out when gradients are on.
 
 On other devices (CUDA has its own kernels) nothing changes.
 """
