@@ -323,6 +323,40 @@ def test_run_logs_trl_metrics_samples_and_plot(tiny_qwen, reward_file, tmp_path)
     assert "reward" in results["before"] and "reward" in results["after"]
 
 
+def test_trained_reward_model_scores_the_completions(tiny_qwen, tmp_path):
+    """A `stage: rm` output folder as reward_funcs entry: each completion's reward is the value head on the
+    last token of prompt + completion, as a model loaded independently from the folder scores it."""
+    from peft import PeftModel
+
+    from r1tune.models.loading import load_model, load_tokenizer
+    from r1tune.models.value_head import load_value_head
+
+    pairs = [{"instruction": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "No idea."}
+             for a in range(1, 7) for b in range(1, 5)]
+    rm_dir = tmp_path / "rm"
+    run_stage(make_cfg(tiny_qwen, write_jsonl(tmp_path / "pairs.jsonl", pairs), rm_dir, stage="rm", max_steps=2,
+                       bf16=False))
+    out = tmp_path / "out"
+    run_stage(grpo_cfg(tiny_qwen, write_jsonl(tmp_path / "p.jsonl", prompts(8)), out, max_steps=1, logging_steps=1,
+                       reward_funcs=[str(rm_dir)], num_completions_to_print=8))
+    record = train_records(out)[1]
+    samples = [json.loads(line) for line in (out / "completions.jsonl").read_text(encoding="utf-8").splitlines()]
+    key = "rm:rm"
+    assert f"rewards/{key}/mean" in record and samples and all(key in s for s in samples)
+
+    tokenizer = load_tokenizer(str(tiny_qwen))  # the rm run saved the base tokenizer unchanged
+    model = PeftModel.from_pretrained(load_model(str(tiny_qwen)), str(rm_dir)).eval()
+    head = load_value_head(rm_dir)
+    for s in samples:
+        ids = torch.tensor([tokenizer(s["prompt"] + s["completion"], add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            last = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+            expected = float(head(last))
+        assert s[key] == pytest.approx(expected, abs=1e-4)
+    rewards = [s[key] for s in samples]
+    assert max(rewards) > min(rewards)  # scores depend on the completion
+
+
 def test_deepseek_v3_moe_full_finetune_runs(tiny_ds, tmp_path):
     data = write_jsonl(tmp_path / "p.jsonl", prompts(8))
     out = tmp_path / "out"
