@@ -7,6 +7,7 @@ A UserError becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,9 +33,21 @@ EXAMPLES = {
 
 def cmd_train(args) -> int:
     from r1tune.config import load_config
+    from r1tune.launch import launch, plan_from_env
+    from r1tune.train import distributed
     from r1tune.train.stages.registry import run_stage
 
-    run_stage(load_config(args.config, args.overrides))
+    plan = plan_from_env()
+    if plan is not None:  # several processes asked for: this one only launches them
+        load_config(args.config, args.overrides)  # a broken run file is reported once, before any worker starts
+        return launch(plan, ["train", args.config, *args.overrides])
+    cfg = load_config(args.config, args.overrides)
+    distributed.setup(cfg.ddp_timeout, cfg.ddp_backend)
+    try:
+        run_stage(cfg)
+        distributed.barrier()  # every rank done (rank 0 saves last) before the group closes
+    finally:
+        distributed.teardown()
     return 0
 
 
@@ -53,8 +66,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from r1tune.config import load_config
     from r1tune.serve.server import serve
 
@@ -274,6 +285,18 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _report_error(line: str) -> None:
+    """One line on stderr; a worker of several processes also leaves it for the launcher (r1tune.launch),
+    which prints the first failing rank's line, so only rank 0 prints it here then."""
+    from r1tune.launch import ERROR_DIR, record_error
+    from r1tune.process import rank
+
+    record_error(line)
+    if rank() == 0 or not os.environ.get(ERROR_DIR):
+        prefix = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        print(prefix + line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
@@ -283,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _report_error(f"error: {exc}")
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

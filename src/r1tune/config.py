@@ -24,7 +24,6 @@ from r1tune.stages import STAGES, stage_data
 # so that a LLaMA-Factory YAML runs unchanged.
 NO_EFFECT_KEYS = {
     "dataloader_num_workers": "batches are built in-process",
-    "ddp_timeout": "multi-process training is not used by this run",
     "save_only_model": "checkpoints always keep optimizer state so they can resume",
     "do_eval": "evaluation runs whenever val_size > 0",
     "eval_strategy": "evaluation follows eval_steps",
@@ -277,6 +276,15 @@ class TrainingArgs(_Section):
     seed: int = Field(42, description="Seed for initialisation, data order, splits and dropout.")
 
 
+class DistributedArgs(_Section):
+    """Several processes (docs/distributed.md): started by `r1tune train` with FORCE_TORCHRUN=1 / NPROC_PER_NODE /
+    NNODES, or by torchrun / accelerate launch. Each process trains on its share of every step; the global batch is
+    per_device_train_batch_size x gradient_accumulation_steps x processes."""
+
+    ddp_timeout: int = Field(1800, ge=1, description="Seconds a process waits for the others at a synchronisation point before the job fails (Hugging Face's default 1800).")
+    ddp_backend: Optional[Literal["nccl", "gloo"]] = Field(None, description="torch.distributed backend; empty: nccl on GPUs, gloo on CPUs.")
+
+
 class EvalArgs(_Section):
     """Evaluation during training, and what it stops or adjusts (early stopping, learning-rate plateaus, gradient alarms)."""
 
@@ -353,7 +361,8 @@ class LoggingArgs(_Section):
 # Section name -> class, in the order docs/config.md lists them (and the run file's keys are saved in).
 SECTIONS: dict[str, type[BaseModel]] = {
     "model": ModelArgs, "method": MethodArgs, "dpo": DpoArgs, "kto": KtoArgs, "grpo": GrpoArgs, "regularisation": RegularisationArgs,
-    "data": DataArgs, "augment": AugmentArgs, "output": OutputArgs, "training": TrainingArgs, "evaluation": EvalArgs,
+    "data": DataArgs, "augment": AugmentArgs, "output": OutputArgs, "training": TrainingArgs, "distributed": DistributedArgs,
+    "evaluation": EvalArgs,
     "eval": EvalCommandArgs, "export": ExportArgs, "serve": ServeArgs, "logging": LoggingArgs,
 }
 
@@ -368,7 +377,8 @@ STAGE_KEYS: dict[str, list[str]] = {
 
 # Pydantic orders the fields of a class with several bases from the last base to the first, so the sections
 # are listed here in reverse: model_fields (and the saved run file) then follow SECTIONS. A test checks it.
-class RunConfig(LoggingArgs, ServeArgs, ExportArgs, EvalCommandArgs, EvalArgs, TrainingArgs, OutputArgs, AugmentArgs,
+class RunConfig(LoggingArgs, ServeArgs, ExportArgs, EvalCommandArgs, EvalArgs, DistributedArgs, TrainingArgs, OutputArgs,
+                AugmentArgs,
                 DataArgs, RegularisationArgs, GrpoArgs, KtoArgs, DpoArgs, MethodArgs, ModelArgs):
     """Every key of a run file: the union of SECTIONS. Descriptions become docs/config.md."""
 

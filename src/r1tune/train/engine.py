@@ -7,7 +7,11 @@ at most `micro_batch_tokens` padded tokens; each micro-batch's summed loss is di
 (target tokens, pairs) of the whole step, so the step's gradient is that of the mean over all of
 them however they fall into micro-batches.
 
-Only the main process writes files and prints (r1tune.process); every rank runs the same loop.
+Under several processes (r1tune.train.distributed) every rank runs the same loop on its share of
+each step's examples; the units, the logged loss and statistics are summed over the ranks and the
+gradients summed once per step, so N processes take the same steps as one process with the same
+global batch (per_device_train_batch_size x gradient_accumulation_steps x processes). Only the main
+process writes files and prints (r1tune.process).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from tqdm import tqdm
 from r1tune.models.quantize import is_quantized
 from r1tune.process import is_main
 from r1tune.stages import stage_data
-from r1tune.train import batching, checkpoint, optimizers, schedule
+from r1tune.train import batching, checkpoint, distributed, optimizers, schedule
 from r1tune.train.callbacks import Callback, Callbacks
 from r1tune.train.checkpoint import TrainerState
 from r1tune.train.logs import MetricsLog
@@ -64,10 +68,15 @@ def steps_per_batch(cfg) -> int:
     return cfg.num_iterations if stage_data(cfg.stage).generates else 1
 
 
+def global_batch(cfg) -> int:
+    """Examples per batch over all processes (per_device_train_batch_size's share x processes)."""
+    return examples_per_batch(cfg) * distributed.world_size()
+
+
 def total_steps(cfg, n_examples: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = batching.steps_per_epoch(n_examples, examples_per_batch(cfg), cfg.gradient_accumulation_steps)
+    per_epoch = batching.steps_per_epoch(n_examples, global_batch(cfg), cfg.gradient_accumulation_steps)
     return max(1, math.ceil(per_epoch * steps_per_batch(cfg) * cfg.num_train_epochs))
 
 
@@ -82,12 +91,14 @@ class Engine:
             self.model.to(self.device)
         self.micro_tokens = batching.micro_batch_budget(cfg.micro_batch_tokens, self.device.type, model.config)
         self.repeats = steps_per_batch(cfg)
-        self.plan = batching.BatchPlan(train, examples_per_batch(cfg), cfg.gradient_accumulation_steps,
+        self.world = distributed.world_size()
+        self.plan = batching.BatchPlan(train, global_batch(cfg), cfg.gradient_accumulation_steps,
                                        cfg.seed, cfg.group_by_length, cfg.balance_classes, epoch_examples,
                                        self.micro_tokens, stage.lengths(train))
         self.total = total_steps(cfg, len(train))
         self.callbacks = Callbacks(callbacks)
         self.callbacks.setup(self)  # may change what trains, so before the optimizer sees the parameters
+        distributed.broadcast_trainable(model)
         self.optimizer = optimizers.build_optimizer(
             model.named_parameters(), cfg.optim, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio,
             cfg.loraplus_lr_embedding, no_decay)
@@ -170,11 +181,13 @@ class Engine:
                                        self.cfg.save_total_limit)
 
     def train_step(self, step: int) -> tuple[float, int, float, dict]:
-        """One optimizer step; returns (mean loss, non-pad tokens, grad norm, the stage's statistics)."""
-        step_batches, stats = self.stage.begin_step(self, step, self.plan.micro_batches(step // self.repeats))
+        """One optimizer step; returns (mean loss, non-pad tokens, grad norm, the stage's statistics), each over
+        all ranks."""
+        shares = [part for batch in self.plan.micro_batches(step // self.repeats) if (part := distributed.share(batch))]
+        step_batches, stats = self.stage.begin_step(self, step, shares)
         micro = [part for batch in step_batches for part in self.stage.split(batch, self.micro_tokens)]
         batches = [self.stage.collate(b) for b in micro]
-        n_units = max(1, sum(self.stage.units(b) for b in batches))
+        n_units = max(1, distributed.sum_floats([sum(self.stage.units(b) for b in batches)])[0])
         self.model.train()
         total_loss, tokens = 0.0, 0
         for batch in batches:
@@ -186,12 +199,24 @@ class Engine:
             total_loss += loss.item()
             tokens += int(batch["num_tokens"])
             add_stats(stats, batch_stats)
+        if self.world > 1:
+            distributed.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+            total_loss, tokens, stats = self._summed(total_loss, tokens, stats)
         self.callbacks.on_backward_end(self, step)
         grad_norm = self._apply_update(step)
         batches = batch = None  # let the step's tensors go before trimming
         if self.device.type == "cpu":
             release_free_memory()
         return total_loss, tokens, grad_norm, stats
+
+    @staticmethod
+    def _summed(loss: float, tokens: int, stats: dict) -> tuple[float, int, dict]:
+        """The step's loss, tokens and statistics over all ranks."""
+        loss, tokens = distributed.sum_floats([loss, tokens])
+        merged: dict = {}
+        for part in distributed.gather_objects(stats):
+            add_stats(merged, part)
+        return loss, int(tokens), merged
 
     def evaluate(self) -> dict:
         """The stage's held-out metrics on the validation set ('loss' among them)."""

@@ -10,7 +10,8 @@ from r1tune.errors import UserError
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU this process was given (one per rank under several processes), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def check_precision(fp16: bool) -> None:

@@ -29,6 +29,7 @@ from r1tune.models.run_state import MethodState
 from r1tune.models.vocab import add_domain_tokens, read_token_file, resize_and_init
 from r1tune.process import is_main
 from r1tune.stages import stage_data
+from r1tune.train import distributed
 from r1tune.train.callbacks import Callback
 from r1tune.train.checkpoint import find_checkpoint
 from r1tune.train.engine import Engine, TrainResult, total_steps
@@ -66,12 +67,13 @@ def prepare(cfg: RunConfig) -> Run | None:
         console.print(f"no checkpoint in {out} yet: starting from step 0")
     check_output_dir(cfg, resuming=resume is not None)
     check_precision(cfg.fp16)
-    ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
-    model_path = resolve_model_path(cfg.model_name_or_path)
-    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    apply_template_choice(tokenizer, cfg.template, cfg.source, needs_template=stage_data(cfg.stage).needs_template)
-    new_ids = add_configured_tokens(tokenizer, cfg)
-    data = prepare_data(cfg, tokenizer, say=console.print)
+    with distributed.main_first():  # rank 0 builds the tiny model and fills the data cache; the others read them
+        ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
+        model_path = resolve_model_path(cfg.model_name_or_path)
+        tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+        apply_template_choice(tokenizer, cfg.template, cfg.source, needs_template=stage_data(cfg.stage).needs_template)
+        new_ids = add_configured_tokens(tokenizer, cfg)
+        data = prepare_data(cfg, tokenizer, say=console.print)
     epochs = augmented_epochs(cfg, tokenizer, data.train_samples, data.train)  # checks the augment_* keys
     for line in data.report.lines():
         console.print(f"data: {line}")
