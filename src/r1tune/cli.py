@@ -285,16 +285,16 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _report_error(line: str) -> None:
-    """One line on stderr; a worker of several processes also leaves it for the launcher (r1tune.launch),
-    which prints the first failing rank's line, so only rank 0 prints it here then."""
-    from r1tune.launch import ERROR_DIR, record_error
+def _report_error(line: str, lost_peer: bool = False) -> None:
+    """One line on stderr. A worker started by r1tune's launcher leaves it for the launcher instead, which
+    prints the first failing rank's line once (r1tune.launch)."""
+    from r1tune.launch import record_error
     from r1tune.process import rank
 
-    record_error(line)
-    if rank() == 0 or not os.environ.get(ERROR_DIR):
-        prefix = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
-        print(prefix + line, file=sys.stderr)
+    if record_error(line, lost_peer):
+        return
+    prefix = f"rank {rank()}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+    print(prefix + line, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,3 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from r1tune.train.distributed import lost_peer
+
+        if not lost_peer(exc):
+            raise  # a bug: the traceback is what helps
+        _report_error(f"stopped: another process of the job ended first ({str(exc).splitlines()[0][:200]})", True)
+        return 1

@@ -91,7 +91,7 @@ def launch(plan: Plan, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # its per-worker chatter
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # its per-worker report: ours follows
     config = LaunchConfig(min_nodes=plan.nnodes, max_nodes=plan.nnodes, nproc_per_node=plan.nproc_per_node,
                           run_id="r1tune", rdzv_backend="static", rdzv_endpoint=f"{plan.master_addr}:{plan.master_port}",
                           rdzv_configs={"rank": plan.node_rank}, max_restarts=0, monitor_interval=0.2)
@@ -112,12 +112,13 @@ def launch(plan: Plan, argv: list[str]) -> int:
 
 
 def _report(exc, errors: Path) -> int:
-    """The first failing rank's own line (what it printed), else its exit code; 2 when that was a user error."""
-    written = sorted(errors.glob("rank*.txt"), key=lambda p: p.stat().st_mtime)
+    """The failing rank's own line (a rank that only lost its peers is reported when no other said more), else
+    its exit code; 2 when that was a user error."""
+    written = sorted(errors.glob("rank*.txt"), key=lambda p: (p.name.endswith(".lost.txt"), p.stat().st_mtime_ns))
     failures = exc.failures
     if written:
         first = written[0]
-        rank = int(first.stem.removeprefix("rank"))
+        rank = int(first.name.split(".")[0].removeprefix("rank"))
         print(f"r1tune: stopped, rank {rank} failed: {first.read_text(encoding='utf-8').strip()}", file=sys.stderr)
         code = failures[rank].exitcode if rank in failures else 1
         return 2 if code == 2 else 1
@@ -126,9 +127,12 @@ def _report(exc, errors: Path) -> int:
     return 1
 
 
-def record_error(line: str) -> None:
-    """In a launched worker: leave this rank's one-line error for the launcher."""
+def record_error(line: str, lost_peer: bool = False) -> bool:
+    """In a worker r1tune's launcher started: leave this rank's one-line error for the launcher (True).
+    `lost_peer`: the rank only noticed that another one had ended."""
     folder = os.environ.get(ERROR_DIR)
-    if folder:
-        rank = os.environ.get("RANK", "0")
-        Path(folder, f"rank{rank}.txt").write_text(line + "\n", encoding="utf-8")
+    if not folder:
+        return False
+    name = f"rank{os.environ.get('RANK', '0')}{'.lost' if lost_peer else ''}.txt"
+    Path(folder, name).write_text(line + "\n", encoding="utf-8")
+    return True

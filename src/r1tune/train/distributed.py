@@ -60,6 +60,17 @@ def setup(timeout_s: int = 1800, backend: str | None = None) -> torch.device | N
     return device
 
 
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another rank of the job is gone (its own error says why)."""
+    if not launched():
+        return False
+    d = dist()
+    if isinstance(exc, getattr(d, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        sign in str(exc) for sign in ("Connection closed by peer", "Connection reset by peer", "Broken pipe"))
+
+
 def teardown() -> None:
     if active():
         dist().destroy_process_group()

@@ -159,6 +159,7 @@ class Engine:
                 if step % self.cfg.logging_steps == 0 or step == self.total:
                     last_loss = self._log_train(window, grad_norm, bar)
                 self.callbacks.on_step_end(self, step)
+                self._agree_on_stop()
                 if self.val_set and self.cfg.eval_steps and step % self.cfg.eval_steps == 0 and step < self.total:
                     metrics = self._log_eval()
                     self.callbacks.on_evaluate(self, step, metrics)
@@ -173,6 +174,17 @@ class Engine:
         self.log.close()
         return TrainResult(self.state.global_step, last_loss, metrics.get("loss"), self.stop is not None, busy,
                            trained_tokens, eval_metrics=metrics)
+
+    def _agree_on_stop(self) -> None:
+        """A stop requested on any rank (a guard reading its share of the rollouts) stops every rank at this step."""
+        if self.world == 1:
+            return
+        stops = [s for s in distributed.gather_objects(self.stop and (self.stop.reason, self.stop.checkpoint)) if s]
+        if not stops:
+            return
+        if self.stop is None:
+            say(stops[0][0])
+        self.stop = Stop(self.stop.reason if self.stop else stops[0][0], any(checkpoint for _, checkpoint in stops))
 
     def save_checkpoint(self) -> None:
         self.state.watch = self.callbacks.state_dict()

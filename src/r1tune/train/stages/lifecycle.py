@@ -32,7 +32,7 @@ from r1tune.stages import stage_data
 from r1tune.train import distributed
 from r1tune.train.callbacks import Callback
 from r1tune.train.checkpoint import find_checkpoint
-from r1tune.train.engine import Engine, TrainResult, total_steps
+from r1tune.train.engine import Engine, TrainResult, examples_per_batch, total_steps
 from r1tune.train.logs import plot_loss
 from r1tune.train.method_callbacks import AdaLoraRanks, ProgressiveUnfreeze
 from r1tune.train.precision import check_precision, pick_device, use_bf16
@@ -126,6 +126,11 @@ def make_engine(run: Run, stage: StageLoss, callbacks: list[Callback]) -> Engine
     cutting = f"cut to <= {engine.micro_tokens} tokens" if engine.micro_tokens else "not cut"
     loss_path = getattr(stage, "loss_sum", None)
     loss_kind = "" if loss_path is None else f"{'chunked loss' if loss_path.chunked else 'full-logits loss'}, "
+    per_device = examples_per_batch(cfg)
+    unit = "prompts" if stage_data(cfg.stage).generates else "examples"
+    console.print(f"global batch: {per_device} {unit} per process x {cfg.gradient_accumulation_steps} accumulation x "
+                  f"{engine.world} process{'es' if engine.world > 1 else ''} = "
+                  f"{per_device * cfg.gradient_accumulation_steps * engine.world} {unit} per optimizer step")
     console.print(f"speed: {precision}, {'length-grouped' if engine.plan.group_by_length else 'shuffled'} batches "
                   f"({cutting}), {loss_kind}gradient checkpointing "
                   f"{'on' if engine.checkpointing else 'off'} ({engine.checkpointing_reason})", style="dim")
