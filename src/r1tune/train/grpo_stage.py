@@ -26,7 +26,7 @@ from r1tune.models.attention import mask_format
 from r1tune.models.decode import complete, eos_ids_of
 from r1tune.models.lora_fold import folded_lora
 from r1tune.models.sampling import Params
-from r1tune.train import batching
+from r1tune.train import batching, distributed
 from r1tune.train.callbacks import Callback
 from r1tune.train.grpo_losses import group_advantages, token_terms, token_weights
 from r1tune.train.rewards import call_reward, combine, func_name
@@ -184,6 +184,10 @@ class GRPOLoss(StageLoss, Callback):
         """A round of rollouts for the step's batches of prompts: sample, score, advantages (self.rollouts)."""
         model, g = engine.model, self.s.num_generations
         prompts = [p for batch in batches for p in batch]
+        if not prompts:  # this rank's share of a short last batch (several processes)
+            self.rollouts, self.round = [], round_
+            self._share_signals(torch.zeros(0), torch.zeros(0, dtype=torch.bool), [])
+            return {}
         model.eval()
         params = [Params(self.s.max_completion_length, self.s.temperature, self.s.top_p,
                          sample_seed(self.s.seed, round_, p.index, j)) for p in prompts for j in range(g)]
@@ -264,10 +268,19 @@ class GRPOLoss(StageLoss, Callback):
             values[f"rewards/{func_name(func)}/mean"] = _nanmean(scores)
             values[f"rewards/{func_name(func)}/std"] = _nanstd(scores)
         values.update(_length_stats(done))
-        zero = float(((rewards == 0) | rewards.isnan()).float().mean())
-        self.signals = {"frac_reward_zero_std": values["frac_reward_zero_std"],
-                        "completions/clipped_ratio": values["completions/clipped_ratio"], "frac_reward_zero": zero}
+        self._share_signals(rewards, zero_std, done)
         return {name: (value, 1) for name, value in values.items() if not math.isnan(value)}
+
+    def _share_signals(self, rewards: torch.Tensor, zero_std: torch.Tensor, done: list) -> None:
+        """The guard's shares over the whole round: every rank's rollouts (r1tune.train.distributed)."""
+        g = self.s.num_generations
+        counts = distributed.sum_floats([float(zero_std.view(-1, g)[:, 0].sum()), len(rewards) / g,
+                                         sum(not c.finished for c in done), len(done),
+                                         float(((rewards == 0) | rewards.isnan()).sum())])
+        zero_groups, groups, clipped, completions, zero = counts
+        self.signals = {"frac_reward_zero_std": zero_groups / max(groups, 1),
+                        "completions/clipped_ratio": clipped / max(completions, 1),
+                        "frac_reward_zero": zero / max(completions, 1)}
 
     def _keep_samples(self, step: int, prompts: list, texts: list[str], per_func: list, rewards, advantages) -> None:
         self.samples = [{"step": step, "prompt": p.text, "completion": t,

@@ -1,0 +1,210 @@
+"""Several processes on this machine (gloo, 2 CPU processes): the same steps as one process with the same global
+batch, checkpoints that resume under another number of processes, every example once per epoch across ranks,
+preference and GRPO runs, a failing rank ending the job with its own line, and the launch environment."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from r1tune.errors import UserError
+from r1tune.launch import plan_from_env
+from r1tune.train import batching, distributed
+from tests.conftest import write_jsonl
+
+TIMEOUT = 240  # a hang fails the test instead of the suite
+
+
+def write_run(path, model, data, out, **keys):
+    raw = dict(model_name_or_path=str(model), dataset=str(data), output_dir=str(out), per_device_train_batch_size=4,
+               learning_rate=3e-3, max_steps=4, logging_steps=1, save_steps=1000, cutoff_len=96, report_to="none",
+               plot_loss=False, seed=7, bf16=False, val_size=0, update_heatmap=False)
+    raw.update(keys)
+    path.write_text(json.dumps(raw), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def train(run_file, processes: int, launcher: str = "r1tune", *overrides):
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "WORLD_SIZE")}
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--standalone", "-m", "r1tune", "train", str(run_file), *overrides]
+    else:
+        command = [sys.executable, "-m", "r1tune", "train", str(run_file), *overrides]
+        if processes > 1:
+            env.update(FORCE_TORCHRUN="1", NPROC_PER_NODE=str(processes))
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every worker it started
+            raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def ok(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(out):
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [r["loss"] for r in records if r["split"] == "train"]
+
+
+def adapter(out):
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.fixture
+def parity(parity_file):
+    return parity_file
+
+
+@pytest.mark.parametrize("launcher", ["r1tune", "torchrun"])
+def test_two_processes_take_the_same_steps_as_one(launcher, tiny_qwen, parity, tmp_path):
+    """Same global batch (8 = 8 x 1 process = 4 x 2 processes), two accumulated batches per step, length-grouped
+    and cut by a small token budget: per-step losses and the trained weights agree (fp32)."""
+    keys = dict(gradient_accumulation_steps=2, group_by_length=True, micro_batch_tokens=160)
+    one = ok(train(write_run(tmp_path / "one.yaml", tiny_qwen, parity, tmp_path / "one", per_device_train_batch_size=8,
+                             **keys), 1))
+    two = ok(train(write_run(tmp_path / "two.yaml", tiny_qwen, parity, tmp_path / "two", **keys), 2, launcher))
+    assert "4 examples per process x 2 accumulation x 2 processes = 16 examples" in two.stdout
+    assert "8 examples per process x 2 accumulation x 1 process = 16 examples" in one.stdout
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 4 and a[0] != a[-1]
+    assert b == pytest.approx(a, abs=1e-5)
+    assert_same_weights(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) == ["adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_checkpoint_resumes_under_another_number_of_processes(first, then, tiny_qwen, parity, tmp_path):
+    per_device = {1: 8, 2: 4}
+    run = write_run(tmp_path / "a.yaml", tiny_qwen, parity, tmp_path / "a", per_device_train_batch_size=per_device[first],
+                    save_steps=2)
+    ok(train(run, first))
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert checkpoint.is_dir()
+    resumed = write_run(tmp_path / "b.yaml", tiny_qwen, parity, tmp_path / "b", save_steps=2,
+                        per_device_train_batch_size=per_device[then], resume_from_checkpoint=str(checkpoint))
+    result = ok(train(resumed, then))
+    assert "resumed from" in result.stdout
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a")[2:], abs=1e-5)
+    assert_same_weights(adapter(tmp_path / "a"), adapter(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_every_example_once_per_epoch_across_ranks(world, grouped):
+    lengths = [5 + (i * 37) % 90 for i in range(53)]
+    examples = list(range(len(lengths)))
+    plan = batching.BatchPlan(examples, 4 * world, 2, seed=3, group_by_length=grouped, lengths=lengths)
+    seen = []
+    for step in range(plan.per_epoch):
+        batches = plan.micro_batches(step)
+        shares = [[distributed.share(batch, r, world) for batch in batches] for r in range(world)]
+        for r in range(world):  # disjoint per step, and each rank's share of a batch is at most its per-device size
+            assert all(len(part) <= 4 for part in shares[r])
+        step_items = [i for r in range(world) for part in shares[r] for i in part]
+        assert sorted(step_items) == sorted(i for batch in batches for i in batch)
+        seen += step_items
+    assert sorted(seen) == examples
+
+
+def test_dpo_runs_under_two_processes(tiny_qwen, tmp_path):
+    pairs = [{"instruction": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.", "rejected": "No idea."}
+             for a in range(1, 7) for b in range(1, 5)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    out = tmp_path / "dpo"
+    ok(train(write_run(tmp_path / "dpo.yaml", tiny_qwen, data, out, stage="dpo", max_steps=3, val_size=4), 2))
+    assert len(losses(out)) == 3 and (out / "adapter_model.safetensors").is_file()
+    results = json.loads((out / "eval_results.json").read_text(encoding="utf-8"))
+    assert results["after"]["rewards/margins"] > results["before"]["rewards/margins"]
+
+
+GRPO_PROMPTS = [{"instruction": f"What is {a} plus {b}?", "answer": str(a + b)} for a in range(1, 6) for b in range(1, 4)]
+
+RANK_REWARD = '''
+import os
+
+
+def per_rank(completions, **kwargs):
+    """Scores on rank 0; on rank 1 returns one value too few (r1tune's check names this function)."""
+    scores = [float(len(c) % 3) for c in completions]
+    return scores[:-1] if os.environ.get("RANK") == "1" else scores
+'''
+
+
+def test_grpo_runs_under_two_processes(tiny_qwen, tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", GRPO_PROMPTS)  # 15 prompts, 2 per step: the epoch's last step has 1
+    out = tmp_path / "grpo"
+    run = write_run(tmp_path / "grpo.yaml", tiny_qwen, data, out, stage="grpo", reward_funcs=["think_format", "accuracy"],
+                    num_generations=4, per_device_train_batch_size=4, max_completion_length=12, max_steps=8,
+                    val_size=0)
+    ok(train(run, 2))
+    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
+    train_records = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(1, 9))
+    assert all("reward" in r and "completions/clipped_ratio" in r for r in train_records)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "completions.jsonl").is_file()
+
+
+def test_a_failing_rank_ends_the_job_with_its_own_line(tiny_qwen, tmp_path):
+    (tmp_path / "rank_reward.py").write_text(RANK_REWARD, encoding="utf-8")
+    data = write_jsonl(tmp_path / "p.jsonl", GRPO_PROMPTS)
+    run = write_run(tmp_path / "grpo.yaml", tiny_qwen, data, tmp_path / "out", stage="grpo",
+                    reward_funcs=[f"{tmp_path / 'rank_reward.py'}:per_rank"], num_generations=4,
+                    per_device_train_batch_size=4, max_completion_length=8, max_steps=4)
+    result = train(run, 2)  # TIMEOUT: a hang fails here
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("r1tune: stopped, rank 1 failed: error:") and "per_rank" in last, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("env, gpus, expected", [
+    ({}, 0, None),
+    ({}, 1, None),
+    ({}, 4, (4, 1, 0)),
+    ({"FORCE_TORCHRUN": "1"}, 0, (1, 1, 0)),
+    ({"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}, 0, (2, 1, 0)),
+    ({"NPROC_PER_NODE": "2"}, 0, (2, 1, 0)),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29501"}, 8, (8, 2, 1)),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, 4, None),  # already a torchrun worker
+    ({"FORCE_TORCHRUN": "1", "LOCAL_RANK": "0"}, 0, None),  # accelerate launch / torchrun with one process
+])
+def test_launch_plan_follows_llamafactory_variables(env, gpus, expected):
+    plan = plan_from_env(env, gpus)
+    if expected is None:
+        assert plan is None
+        return
+    assert (plan.nproc_per_node, plan.nnodes, plan.node_rank) == expected
+    if "MASTER_ADDR" in env:
+        assert (plan.master_addr, plan.master_port) == ("10.0.0.1", 29501)
+    else:
+        assert plan.master_addr == "127.0.0.1" and plan.master_port > 0
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"NNODES": "2"}, "MASTER_ADDR"),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 must be below NNODES=2"),
+    ({"NPROC_PER_NODE": "two"}, "NPROC_PER_NODE='two' must be a whole number"),
+])
+def test_launch_variables_are_checked(env, message):
+    with pytest.raises(UserError, match=message):
+        plan_from_env(env, 0)
+
