@@ -283,6 +283,8 @@ class DistributedArgs(_Section):
 
     ddp_timeout: int = Field(1800, ge=1, description="Seconds a process waits for the others at a synchronisation point before the job fails (Hugging Face's default 1800).")
     ddp_backend: Optional[Literal["nccl", "gloo"]] = Field(None, description="torch.distributed backend; empty: nccl on GPUs, gloo on CPUs.")
+    fsdp: Optional[Any] = Field(None, description="Shard the decoder over the processes with torch's FSDP2: 'full_shard auto_wrap' (weights, gradients and optimizer state sharded; ZeRO-3 style) or 'shard_grad_op auto_wrap' (gathered weights kept from forward to backward; ZeRO-2 style), optionally with 'offload' (CPU). Each decoder layer is one unit; the output head stays whole. Not with stage grpo (docs/distributed.md).")
+    fsdp_config: Optional[Any] = Field(None, description="FSDP options (a mapping or a JSON file, Hugging Face's names with or without the fsdp_ prefix): transformer_layer_cls_to_wrap (default: the model's _no_split_modules), reshard_after_forward, offload_params; fsdp_version must be 2 if given.")
 
 
 class EvalArgs(_Section):

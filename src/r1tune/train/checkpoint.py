@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from r1tune.errors import UserError
 from r1tune.fileio import atomic_folder
+from r1tune.train.fsdp import is_sharded, load_full_state
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -33,12 +34,17 @@ class TrainerState:
     watch: dict = field(default_factory=dict)  # TrainingWatch state: early stopping and lr plateau
 
 
-def save_checkpoint(output_dir: Path, model, optimizer, state: TrainerState, limit: int | None) -> Path:
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, state: TrainerState,
+                    limit: int | None) -> Path:
+    """`weights`: the trainable weights by name (trainable_weights); `optimizer_state`: optimizer.state_dict()'s form."""
     final = output_dir / f"checkpoint-{state.global_step}"
     with atomic_folder(final) as tmp:  # an interrupted save never leaves a checkpoint that resume would pick
-        weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
         save_file(weights, str(tmp / WEIGHTS_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -48,6 +54,26 @@ def save_checkpoint(output_dir: Path, model, optimizer, state: TrainerState, lim
         for old in list_checkpoints(output_dir)[:-limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def param_names(model, optimizer) -> list[str]:
+    """The names of the optimizer's parameters in its own order (the integer keys of its state_dict)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def by_index(named: dict, names: list[str]) -> dict:
+    """A name-keyed optimizer state (torch.distributed.checkpoint's form) in optimizer.state_dict()'s form,
+    so that a checkpoint is the same whichever way the run was split over processes."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in named["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+
+
+def by_name(indexed: dict, names: list[str]) -> dict:
+    """by_index reversed."""
+    return {"state": {names[i]: v for i, v in indexed["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]]}
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -91,11 +117,14 @@ def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
     wrong = [n for n, p in params.items() if p.shape != weights[n].shape]
     if wrong:
         raise UserError(f"checkpoint '{path}' has weight '{wrong[0]}' of another shape (lora_rank changed?); {hint}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
     try:
-        optimizer.load_state_dict(optimizer_state)
+        if is_sharded(model):
+            load_full_state(model, optimizer, weights, by_name(optimizer_state, param_names(model, optimizer)))
+        else:
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    params[name].copy_(tensor)
+            optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, RuntimeError):
         raise UserError(f"checkpoint '{path}' has optimizer state for another setup; {hint}") from None
     torch.set_rng_state(rng["cpu"])

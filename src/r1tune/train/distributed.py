@@ -109,6 +109,15 @@ def sum_floats(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def max_int(value: int) -> int:
+    """The largest `value` over the ranks."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist().all_reduce(t, op=dist().ReduceOp.MAX)
+    return int(t)
+
+
 def gather_objects(obj) -> list:
     """Every rank's `obj` (picklable, produced by this code), in rank order."""
     if not active():

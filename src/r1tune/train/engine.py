@@ -27,7 +27,7 @@ from tqdm import tqdm
 from r1tune.models.quantize import is_quantized
 from r1tune.process import is_main
 from r1tune.stages import stage_data
-from r1tune.train import batching, checkpoint, distributed, optimizers, schedule
+from r1tune.train import batching, checkpoint, distributed, fsdp, optimizers, schedule
 from r1tune.train.callbacks import Callback, Callbacks
 from r1tune.train.checkpoint import TrainerState
 from r1tune.train.logs import MetricsLog
@@ -99,6 +99,9 @@ class Engine:
         self.callbacks = Callbacks(callbacks)
         self.callbacks.setup(self)  # may change what trains, so before the optimizer sees the parameters
         distributed.broadcast_trainable(model)
+        self.fsdp = fsdp.plan_of(cfg.fsdp, cfg.fsdp_config, cfg.source) if self.world > 1 else None
+        if self.fsdp:
+            fsdp.shard(model, self.fsdp)
         self.optimizer = optimizers.build_optimizer(
             model.named_parameters(), cfg.optim, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio,
             cfg.loraplus_lr_embedding, no_decay)
@@ -188,31 +191,48 @@ class Engine:
 
     def save_checkpoint(self) -> None:
         self.state.watch = self.callbacks.state_dict()
+        if self.fsdp:  # gathered from every rank onto the main one
+            weights = fsdp.full_state(self.model, trainable_only=True)
+            named = fsdp.full_optimizer_state(self.model, self.optimizer)
+            optimizer_state = checkpoint.by_index(named, checkpoint.param_names(self.model, self.optimizer)) \
+                if self.writes else None
+        elif self.writes:
+            weights, optimizer_state = checkpoint.trainable_weights(self.model), self.optimizer.state_dict()
         if self.writes:
-            checkpoint.save_checkpoint(self.output_dir, self.model, self.optimizer, self.state,
+            checkpoint.save_checkpoint(self.output_dir, weights, optimizer_state, self.state,
                                        self.cfg.save_total_limit)
 
     def train_step(self, step: int) -> tuple[float, int, float, dict]:
         """One optimizer step; returns (mean loss, non-pad tokens, grad norm, the stage's statistics), each over
         all ranks."""
-        shares = [part for batch in self.plan.micro_batches(step // self.repeats) if (part := distributed.share(batch))]
+        whole = self.plan.micro_batches(step // self.repeats)
+        shares = [part for batch in whole if (part := distributed.share(batch))]
         step_batches, stats = self.stage.begin_step(self, step, shares)
         micro = [part for batch in step_batches for part in self.stage.split(batch, self.micro_tokens)]
         batches = [self.stage.collate(b) for b in micro]
         n_units = max(1, distributed.sum_floats([sum(self.stage.units(b) for b in batches)])[0])
+        weights = [1.0] * len(batches)
+        if self.fsdp:  # every rank runs as many forwards as the busiest (gathering layers is collective)
+            fillers = distributed.max_int(len(batches)) - len(batches)
+            batches += [self.stage.collate(whole[0][:1])] * fillers
+            weights += [0.0] * fillers
         self.model.train()
         total_loss, tokens = 0.0, 0
-        for batch in batches:
+        for i, (batch, weight) in enumerate(zip(batches, weights)):
+            if self.fsdp:
+                fsdp.set_gradient_sync(self.model, i == len(batches) - 1)
             batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
             with self.autocast():
                 loss_sum, batch_stats = self.stage.loss(self.model, batch)
-                loss = loss_sum / n_units
+                loss = loss_sum * weight / n_units
             self.backward(loss)
-            total_loss += loss.item()
-            tokens += int(batch["num_tokens"])
-            add_stats(stats, batch_stats)
+            if weight:
+                total_loss += loss.item()
+                tokens += int(batch["num_tokens"])
+                add_stats(stats, batch_stats)
         if self.world > 1:
-            distributed.sum_gradients([p for p in self.model.parameters() if p.requires_grad])
+            trainable = [p for p in self.model.parameters() if p.requires_grad]
+            distributed.sum_gradients(fsdp.whole_params(trainable) if self.fsdp else trainable)
             total_loss, tokens, stats = self._summed(total_loss, tokens, stats)
         self.callbacks.on_backward_end(self, step)
         grad_norm = self._apply_update(step)
@@ -245,7 +265,10 @@ class Engine:
             self.callbacks.on_gradients(self, step)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.fsdp:
+            grad_norm = fsdp.clip_gradients(params, max_norm)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.callbacks.before_update(self, step)
         if self.scaler:
             self.scaler.step(self.optimizer)

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from r1tune.errors import UserError, did_you_mean
+from r1tune.train.fsdp import whole
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.([^.]+)")
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|head|output|score)\.")
@@ -82,7 +83,7 @@ class GradNormMonitor:
         squares: dict[str, list] = {}
         for name, p in self.model.named_parameters():
             if p.grad is not None:
-                norm = torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+                norm = whole(torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32))
                 squares.setdefault(group_name(name), []).append(norm ** 2)
         return _sqrt_sums(squares)
 
@@ -145,8 +146,8 @@ class UpdateTracker:
             if old is not None:
                 old = old.to(p.device).float()
                 group = group_name(name, self.by)
-                deltas.setdefault(group, []).append(torch.linalg.vector_norm(p.float() - old) ** 2)
-                sizes.setdefault(group, []).append(torch.linalg.vector_norm(old) ** 2)
+                deltas.setdefault(group, []).append(whole(torch.linalg.vector_norm(p.float() - old)) ** 2)
+                sizes.setdefault(group, []).append(whole(torch.linalg.vector_norm(old)) ** 2)
         self._snapshot = None
         delta, size = _sqrt_sums(deltas), _sqrt_sums(sizes)
         self._record(step, {g: delta[g] / size[g] if size[g] > 0 else math.nan for g in delta})

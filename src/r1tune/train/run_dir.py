@@ -65,18 +65,20 @@ def forget_after(out: Path, step: int) -> None:
             shutil.rmtree(newer)
 
 
-def save_model(model, folder: Path, pissa_start: Path | None = None) -> None:
+def save_model(model, folder: Path, pissa_start: Path | None = None, state: dict | None = None) -> None:
     """The trained part: bottleneck adapters, a PEFT adapter (PiSSA converted to plain LoRA from the
-    start adapter in pissa_start, which is then removed), or the model."""
+    start adapter in pissa_start, which is then removed), or the model. `state`: the model's whole state
+    dict when its own parameters are shards (FSDP)."""
+    extra = {} if state is None else {"state_dict": state}
     if has_bottleneck(model):
         save_bottleneck(model, folder)
         return
     with exact_lora_targets():
         if not hasattr(model, "peft_config"):
-            model.save_pretrained(folder)
+            model.save_pretrained(folder, **extra)
             return
         # new token rows live in the adapter; do not copy the whole embedding matrices in
-        extra = {"save_embedding_layers": False}
+        extra["save_embedding_layers"] = False
         if pissa_start:  # loadable (and mergeable) on the original base weights, by any PEFT user
             extra["path_initial_model_for_weight_conversion"] = str(pissa_start)
         model.save_pretrained(folder, **extra)
@@ -84,11 +86,12 @@ def save_model(model, folder: Path, pissa_start: Path | None = None) -> None:
         shutil.rmtree(pissa_start, ignore_errors=True)
 
 
-def save_final(model, tokenizer, cfg: RunConfig, out: Path, pissa_start: Path | None = None) -> None:
+def save_final(model, tokenizer, cfg: RunConfig, out: Path, pissa_start: Path | None = None,
+               state: dict | None = None) -> None:
     """Adapter or full model + tokenizer + resolved config, each file moved into place atomically."""
     tmp = atomic_dir(out / "final")
     try:
-        save_model(model, tmp, pissa_start)
+        save_model(model, tmp, pissa_start, state)
         tokenizer.save_pretrained(tmp)
         (tmp / "r1tune_config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         for item in tmp.iterdir():

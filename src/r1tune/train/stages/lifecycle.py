@@ -33,6 +33,7 @@ from r1tune.train import distributed
 from r1tune.train.callbacks import Callback
 from r1tune.train.checkpoint import find_checkpoint
 from r1tune.train.engine import Engine, TrainResult, examples_per_batch, total_steps
+from r1tune.train.fsdp import full_state, is_sharded
 from r1tune.train.logs import plot_loss
 from r1tune.train.method_callbacks import AdaLoraRanks, ProgressiveUnfreeze
 from r1tune.train.precision import check_precision, pick_device, use_bf16
@@ -160,10 +161,11 @@ def start(run: Run, engine: Engine) -> None:
 def finish(run: Run, result: TrainResult, before: dict | None, after: dict) -> None:
     """Final model, method reports, eval_results.json (before/after) and the loss plot."""
     result.model = run.model
+    state = full_state(run.model) if is_sharded(run.model) else None  # every rank takes part in gathering
     if not is_main():
         return
     cfg, out = run.cfg, run.out
-    save_final(run.model, run.tokenizer, cfg, out, run.method.pissa_start)
+    save_final(run.model, run.tokenizer, cfg, out, run.method.pissa_start, state)
     report_method(run.model, cfg, out, run.experts)
     results = {"before": before, "after": after, "global_step": result.global_step,
                "train_loss": result.last_loss, "train_runtime": result.train_runtime,
