@@ -53,9 +53,13 @@ def ok(result):
     return result
 
 
+def records(out):
+    lines = (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
+
+
 def losses(out):
-    records = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").splitlines()]
-    return [r["loss"] for r in records if r["split"] == "train"]
+    return [r["loss"] for r in records(out)]
 
 
 def adapter(out):
@@ -73,33 +77,52 @@ def parity(parity_file):
     return parity_file
 
 
-@pytest.mark.parametrize("launcher", ["r1tune", "torchrun"])
-def test_two_processes_take_the_same_steps_as_one(launcher, tiny_qwen, parity, tmp_path):
-    """Same global batch (8 = 8 x 1 process = 4 x 2 processes), two accumulated batches per step, length-grouped
-    and cut by a small token budget: per-step losses and the trained weights agree (fp32)."""
-    keys = dict(gradient_accumulation_steps=2, group_by_length=True, micro_batch_tokens=160)
+def saved_weights(out):
+    name = "adapter_model.safetensors" if (out / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(out / name))
+
+
+FULL = dict(finetuning_type="full", learning_rate=1e-4)
+
+
+@pytest.mark.parametrize("launcher, keys", [
+    ("r1tune", {}),  # DDP-style data parallelism, LoRA
+    ("torchrun", {}),
+    ("r1tune", {"fsdp": "full_shard auto_wrap"}),
+    ("r1tune", {"fsdp": "shard_grad_op auto_wrap", **FULL}),
+], ids=["ddp-lora", "ddp-torchrun", "fsdp-full_shard-lora", "fsdp-shard_grad_op-full"])
+def test_two_processes_take_the_same_steps_as_one(launcher, keys, tiny_qwen, parity, tmp_path):
+    """Same global batch (16 = 8 x 2 accumulation x 1 process = 4 x 2 x 2 processes), length-grouped and cut by a
+    small token budget (so the ranks' micro-batch counts differ): per-step losses, gradient norms and the saved
+    weights agree (fp32)."""
+    keys = dict(gradient_accumulation_steps=2, group_by_length=True, micro_batch_tokens=160, **keys)
+    one_keys = {k: v for k, v in keys.items() if k != "fsdp"}
     one = ok(train(write_run(tmp_path / "one.yaml", tiny_qwen, parity, tmp_path / "one", per_device_train_batch_size=8,
-                             **keys), 1))
+                             **one_keys), 1))
     two = ok(train(write_run(tmp_path / "two.yaml", tiny_qwen, parity, tmp_path / "two", **keys), 2, launcher))
     assert "4 examples per process x 2 accumulation x 2 processes = 16 examples" in two.stdout
     assert "8 examples per process x 2 accumulation x 1 process = 16 examples" in one.stdout
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 4 and a[0] != a[-1]
-    assert b == pytest.approx(a, abs=1e-5)
-    assert_same_weights(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
-    assert sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) == ["adapter_model.safetensors"]
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    assert len(a) == len(b) == 4 and a[0]["loss"] != a[-1]["loss"]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    assert_same_weights(saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two"))
+    assert {p.name for p in (tmp_path / "two").glob("*.safetensors")} == {p.name for p in (tmp_path / "one").glob("*.safetensors")}
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
-def test_checkpoint_resumes_under_another_number_of_processes(first, then, tiny_qwen, parity, tmp_path):
+@pytest.mark.parametrize("first, then, keys", [(2, 1, {}), (1, 2, {}), (2, 1, {"fsdp": "full_shard auto_wrap"}),
+                                              (1, 2, {"fsdp": "full_shard auto_wrap"})],
+                         ids=["ddp-2to1", "ddp-1to2", "fsdp-2to1", "fsdp-1to2"])
+def test_checkpoint_resumes_under_another_number_of_processes(first, then, keys, tiny_qwen, parity, tmp_path):
     per_device = {1: 8, 2: 4}
     run = write_run(tmp_path / "a.yaml", tiny_qwen, parity, tmp_path / "a", per_device_train_batch_size=per_device[first],
-                    save_steps=2)
+                    save_steps=2, **keys)
     ok(train(run, first))
     checkpoint = tmp_path / "a" / "checkpoint-2"
     assert checkpoint.is_dir()
     resumed = write_run(tmp_path / "b.yaml", tiny_qwen, parity, tmp_path / "b", save_steps=2,
-                        per_device_train_batch_size=per_device[then], resume_from_checkpoint=str(checkpoint))
+                        per_device_train_batch_size=per_device[then], resume_from_checkpoint=str(checkpoint), **keys)
     result = ok(train(resumed, then))
     assert "resumed from" in result.stdout
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a")[2:], abs=1e-5)

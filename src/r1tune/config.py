@@ -435,6 +435,7 @@ class ConfigProblems(ValueError):
 
 def _combination_problems(cfg: RunConfig) -> Iterator[str]:
     yield from _training_problems(cfg)
+    yield from _fsdp_problems(cfg)
     yield from _evaluation_problems(cfg)
     yield from _data_problems(cfg)
     if cfg.export_legacy_format:
@@ -449,6 +450,35 @@ def _training_problems(cfg: RunConfig) -> Iterator[str]:
         yield f"report_to must be 'tensorboard', 'all' or 'none' (got '{cfg.report_to}')"
     if cfg.max_steps == 0:
         yield "max_steps must be a positive number of steps, or -1 to use num_train_epochs"
+
+
+# What FSDP cannot shard here, with why (docs/distributed.md): stages and methods that need every process's
+# forwards to differ, or whole weights outside a forward.
+FSDP_REFUSED = {
+    "stage grpo": "each process samples rollouts of its own length, but FSDP needs every process in every forward",
+    "finetuning_type bottleneck": "the adapters are saved from the whole weights",
+    "finetuning_type adalora": "its rank allocation reads whole weights between steps",
+    "prompt, prefix and p-tuning": "the virtual tokens live outside the sharded decoder",
+    "quantization_bit": "bitsandbytes' quantized weights cannot be sharded by FSDP2",
+    "pissa_init": "PiSSA's conversion at save reads the whole weights",
+    "unfreeze_schedule": "FSDP fixes which weights train when it shards them",
+    "expert_ids / expert_domain": "expert selection masks gradients of whole expert weights",
+}
+
+
+def _fsdp_problems(cfg: RunConfig) -> Iterator[str]:
+    if not cfg.fsdp:
+        return
+    active = {"stage grpo": cfg.stage == "grpo", "finetuning_type bottleneck": cfg.finetuning_type == "bottleneck",
+              "finetuning_type adalora": cfg.finetuning_type == "adalora",
+              "prompt, prefix and p-tuning": cfg.finetuning_type in ("prompt_tuning", "prefix_tuning", "p_tuning"),
+              "quantization_bit": bool(cfg.quantization_bit), "pissa_init": cfg.pissa_init,
+              "unfreeze_schedule": bool(cfg.unfreeze_schedule),
+              "expert_ids / expert_domain": bool(cfg.expert_ids or cfg.expert_domain)}
+    for what, on in active.items():
+        if on:
+            yield (f"'fsdp' cannot be combined with {what} ({FSDP_REFUSED[what]}); remove 'fsdp' to train with "
+                   "plain data parallelism (every process holds the whole model)")
 
 
 def _evaluation_problems(cfg: RunConfig) -> Iterator[str]:

@@ -33,7 +33,7 @@ from r1tune.train import distributed
 from r1tune.train.callbacks import Callback
 from r1tune.train.checkpoint import find_checkpoint
 from r1tune.train.engine import Engine, TrainResult, examples_per_batch, total_steps
-from r1tune.train.fsdp import full_state, is_sharded
+from r1tune.train.fsdp import full_state, is_sharded, plan_of
 from r1tune.train.logs import plot_loss
 from r1tune.train.method_callbacks import AdaLoraRanks, ProgressiveUnfreeze
 from r1tune.train.precision import check_precision, pick_device, use_bf16
@@ -68,6 +68,7 @@ def prepare(cfg: RunConfig) -> Run | None:
         console.print(f"no checkpoint in {out} yet: starting from step 0")
     check_output_dir(cfg, resuming=resume is not None)
     check_precision(cfg.fp16)
+    plan_of(cfg.fsdp, cfg.fsdp_config, cfg.source)  # its options checked before any work
     with distributed.main_first():  # rank 0 builds the tiny model and fills the data cache; the others read them
         ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
         model_path = resolve_model_path(cfg.model_name_or_path)
