@@ -42,7 +42,7 @@ def cmd_train(args) -> int:
         load_config(args.config, args.overrides)  # a broken run file is reported once, before any worker starts
         return launch(plan, ["train", args.config, *args.overrides])
     cfg = load_config(args.config, args.overrides)
-    distributed.setup(cfg.ddp_timeout, cfg.ddp_backend)
+    distributed.setup(cfg.ddp_timeout, cfg.ddp_backend, group_of_one=bool(cfg.deepspeed))
     try:
         run_stage(cfg)
         distributed.barrier()  # every rank done (rank 0 saves last) before the group closes

@@ -283,6 +283,7 @@ class DistributedArgs(_Section):
 
     ddp_timeout: int = Field(1800, ge=1, description="Seconds a process waits for the others at a synchronisation point before the job fails (Hugging Face's default 1800).")
     ddp_backend: Optional[Literal["nccl", "gloo"]] = Field(None, description="torch.distributed backend; empty: nccl on GPUs, gloo on CPUs.")
+    deepspeed: Optional[Any] = Field(None, description="DeepSpeed ZeRO: a JSON config file (LLaMA-Factory's ds_z0/z2/z2_offload/z3/z3_offload_config.json work unchanged; copies in examples/distributed/) or a mapping. \"auto\" values are filled from this file as Hugging Face's Trainer fills them; r1tune keeps its own optimizer and schedule, so the config has no optimizer or scheduler section. Needs `pip install deepspeed` (docs/distributed.md).")
     fsdp: Optional[Any] = Field(None, description="Shard the decoder over the processes with torch's FSDP2: 'full_shard auto_wrap' (weights, gradients and optimizer state sharded; ZeRO-3 style) or 'shard_grad_op auto_wrap' (gathered weights kept from forward to backward; ZeRO-2 style), optionally with 'offload' (CPU). Each decoder layer is one unit; the output head stays whole. Not with stage grpo (docs/distributed.md).")
     fsdp_config: Optional[Any] = Field(None, description="FSDP options (a mapping or a JSON file, Hugging Face's names with or without the fsdp_ prefix): transformer_layer_cls_to_wrap (default: the model's _no_split_modules), reshard_after_forward, offload_params; fsdp_version must be 2 if given.")
 
@@ -452,33 +453,43 @@ def _training_problems(cfg: RunConfig) -> Iterator[str]:
         yield "max_steps must be a positive number of steps, or -1 to use num_train_epochs"
 
 
-# What FSDP cannot shard here, with why (docs/distributed.md): stages and methods that need every process's
-# forwards to differ, or whole weights outside a forward.
-FSDP_REFUSED = {
-    "stage grpo": "each process samples rollouts of its own length, but FSDP needs every process in every forward",
+# What sharded training (FSDP, DeepSpeed ZeRO) cannot do here, with why (docs/distributed.md): stages and methods
+# that need every process's forwards to differ, or whole weights or gradients outside a forward.
+SHARDING_REFUSED = {
+    "stage grpo": "each process samples rollouts of its own length, but sharded weights need every process in every forward",
     "finetuning_type bottleneck": "the adapters are saved from the whole weights",
     "finetuning_type adalora": "its rank allocation reads whole weights between steps",
     "prompt, prefix and p-tuning": "the virtual tokens live outside the sharded decoder",
-    "quantization_bit": "bitsandbytes' quantized weights cannot be sharded by FSDP2",
+    "quantization_bit": "bitsandbytes' quantized weights cannot be sharded",
     "pissa_init": "PiSSA's conversion at save reads the whole weights",
-    "unfreeze_schedule": "FSDP fixes which weights train when it shards them",
+    "unfreeze_schedule": "sharding fixes which weights train when it starts",
     "expert_ids / expert_domain": "expert selection masks gradients of whole expert weights",
 }
 
 
+def sharding_refusals(cfg: RunConfig, grpo: bool = True) -> list[str]:
+    """The SHARDING_REFUSED entries this run file has (`grpo`: whether stage grpo counts)."""
+    found = {"stage grpo": grpo and cfg.stage == "grpo", "finetuning_type bottleneck": cfg.finetuning_type == "bottleneck",
+             "finetuning_type adalora": cfg.finetuning_type == "adalora",
+             "prompt, prefix and p-tuning": cfg.finetuning_type in ("prompt_tuning", "prefix_tuning", "p_tuning"),
+             "quantization_bit": bool(cfg.quantization_bit), "pissa_init": cfg.pissa_init,
+             "unfreeze_schedule": bool(cfg.unfreeze_schedule),
+             "expert_ids / expert_domain": bool(cfg.expert_ids or cfg.expert_domain)}
+    return [what for what, on in found.items() if on]
+
+
+def refusal_message(key: str, what: str) -> str:
+    return (f"'{key}' cannot be combined with {what} ({SHARDING_REFUSED[what]}); remove '{key}' to train with "
+            "plain data parallelism (every process holds the whole model)")
+
+
 def _fsdp_problems(cfg: RunConfig) -> Iterator[str]:
-    if not cfg.fsdp:
-        return
-    active = {"stage grpo": cfg.stage == "grpo", "finetuning_type bottleneck": cfg.finetuning_type == "bottleneck",
-              "finetuning_type adalora": cfg.finetuning_type == "adalora",
-              "prompt, prefix and p-tuning": cfg.finetuning_type in ("prompt_tuning", "prefix_tuning", "p_tuning"),
-              "quantization_bit": bool(cfg.quantization_bit), "pissa_init": cfg.pissa_init,
-              "unfreeze_schedule": bool(cfg.unfreeze_schedule),
-              "expert_ids / expert_domain": bool(cfg.expert_ids or cfg.expert_domain)}
-    for what, on in active.items():
-        if on:
-            yield (f"'fsdp' cannot be combined with {what} ({FSDP_REFUSED[what]}); remove 'fsdp' to train with "
-                   "plain data parallelism (every process holds the whole model)")
+    if cfg.fsdp and cfg.deepspeed:
+        yield "give either 'fsdp' or 'deepspeed', not both"
+    if cfg.fsdp:
+        yield from (refusal_message("fsdp", what) for what in sharding_refusals(cfg))
+    if cfg.deepspeed:  # ZeRO-3 also refuses grpo; its stage is in the file (checked when training starts)
+        yield from (refusal_message("deepspeed", what) for what in sharding_refusals(cfg, grpo=False))
 
 
 def _evaluation_problems(cfg: RunConfig) -> Iterator[str]:

@@ -66,7 +66,7 @@ def plan_from_env(env: dict | None = None, gpus: int | None = None) -> Plan | No
         raise UserError(f"NODE_RANK={node_rank} must be below NNODES={nnodes}")
     if nnodes > 1 and not env.get("MASTER_ADDR"):
         raise UserError("NNODES > 1 needs MASTER_ADDR: the address of the node with NODE_RANK=0, the same on every node")
-    port = _int(env, "MASTER_PORT", 0) or (_free_port() if nnodes == 1 else 29500)
+    port = _int(env, "MASTER_PORT", 0) or (free_port() if nnodes == 1 else 29500)
     return Plan(nproc, nnodes, node_rank, env.get("MASTER_ADDR") or "127.0.0.1", port)
 
 
@@ -79,7 +79,7 @@ def _visible_gpus() -> int:
         return 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

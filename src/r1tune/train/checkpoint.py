@@ -24,6 +24,7 @@ STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.safetensors"
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own files (its pickle-based format): resume only from checkpoints you wrote
 
 
 @dataclass
@@ -32,19 +33,24 @@ class TrainerState:
     best_eval_loss: float | None = None  # kept so checkpoints of earlier versions still load
     evals_without_improvement: int = 0
     watch: dict = field(default_factory=dict)  # TrainingWatch state: early stopping and lr plateau
+    processes: int = 1  # how many processes wrote it (DeepSpeed checkpoints resume only under as many)
 
 
 def trainable_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(output_dir: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, state: TrainerState,
-                    limit: int | None) -> Path:
-    """`weights`: the trainable weights by name (trainable_weights); `optimizer_state`: optimizer.state_dict()'s form."""
+def save_checkpoint(output_dir: Path, weights: dict[str, torch.Tensor] | None, optimizer_state: dict | Path,
+                    state: TrainerState, limit: int | None) -> Path:
+    """`weights`: the trainable weights by name (trainable_weights); `optimizer_state`: optimizer.state_dict()'s
+    form, or the folder DeepSpeed wrote its partitioned states to (weights then None: they are in there)."""
     final = output_dir / f"checkpoint-{state.global_step}"
     with atomic_folder(final) as tmp:  # an interrupted save never leaves a checkpoint that resume would pick
-        save_file(weights, str(tmp / WEIGHTS_FILE))
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        if isinstance(optimizer_state, Path):
+            shutil.move(str(optimizer_state), str(tmp / DEEPSPEED_DIR))
+        else:
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -100,9 +106,12 @@ def read_step(path: Path) -> int:
         return 0
 
 
-def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
-    """Restore a checkpoint into this run; UserError when it was written by a different setup."""
+def load_checkpoint(path: Path, model, optimizer, ds=None) -> TrainerState:
+    """Restore a checkpoint into this run; UserError when it was written by a different setup. `ds`: DeepSpeed's
+    engine when this run uses one (its checkpoints hold DeepSpeed's own partitioned files)."""
     hint = "resume with the config that wrote it, or start fresh without resume_from_checkpoint"
+    if (path / DEEPSPEED_DIR).is_dir() or ds is not None:
+        return _load_deepspeed(path, ds, hint)
     try:
         weights = load_file(str(path / WEIGHTS_FILE))
         optimizer_state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
@@ -130,4 +139,27 @@ def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def _load_deepspeed(path: Path, ds, hint: str) -> TrainerState:
+    from r1tune.train.distributed import world_size
+
+    try:
+        state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+        rng = load_file(str(path / RNG_FILE))
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise UserError(f"checkpoint '{path}' is incomplete or unreadable ({type(exc).__name__}); {hint}") from None
+    if ds is None or not (path / DEEPSPEED_DIR).is_dir():
+        raise UserError(f"checkpoint '{path}' was written {'with' if ds is None else 'without'} DeepSpeed and this run "
+                        f"is {'not' if ds is None else ''} using it; {hint}")
+    if state.processes != world_size():
+        raise UserError(f"checkpoint '{path}' was written by DeepSpeed with {state.processes} processes, whose states "
+                        f"are partitioned per process; resume it with {state.processes} processes (DeepSpeed's "
+                        "ds_to_universal converts a checkpoint for another count)")
+    loaded, _ = ds.load_checkpoint(str(path), tag=DEEPSPEED_DIR, load_optimizer_states=True,
+                                   load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"checkpoint '{path}': DeepSpeed could not load its files; {hint}")
+    torch.set_rng_state(rng["cpu"])
     return state

@@ -44,11 +44,18 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
-def setup(timeout_s: int = 1800, backend: str | None = None) -> torch.device | None:
-    """Join the process group when launched as several processes; the device this rank uses (None: one process).
-    GPUs: one per local rank, NCCL; CPUs: gloo."""
+def setup(timeout_s: int = 1800, backend: str | None = None, group_of_one: bool = False) -> torch.device | None:
+    """Join the process group when launched as several processes (or, `group_of_one`, start a group of this
+    one process: DeepSpeed needs one); the device this rank uses (None: no group). GPUs: one per local rank,
+    NCCL; CPUs: gloo."""
     if not launched():
-        return None
+        if not group_of_one:
+            return None
+        from r1tune.launch import free_port
+
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
+                           ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
     d = dist()
     device = torch.device("cpu")
     if torch.cuda.is_available():

@@ -17,6 +17,7 @@ process writes files and prints (r1tune.process).
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from r1tune.models.quantize import is_quantized
 from r1tune.process import is_main
 from r1tune.stages import stage_data
-from r1tune.train import batching, checkpoint, distributed, fsdp, optimizers, schedule
+from r1tune.train import batching, checkpoint, distributed, fsdp, optimizers, schedule, zero
 from r1tune.train.callbacks import Callback, Callbacks
 from r1tune.train.checkpoint import TrainerState
 from r1tune.train.logs import MetricsLog
@@ -99,19 +100,24 @@ class Engine:
         self.callbacks = Callbacks(callbacks)
         self.callbacks.setup(self)  # may change what trains, so before the optimizer sees the parameters
         distributed.broadcast_trainable(model)
+        self.bf16 = use_bf16(cfg.bf16, cfg.fp16, self.device)
         self.fsdp = fsdp.plan_of(cfg.fsdp, cfg.fsdp_config, cfg.source) if self.world > 1 else None
         if self.fsdp:
             fsdp.shard(model, self.fsdp)
         self.optimizer = optimizers.build_optimizer(
             model.named_parameters(), cfg.optim, cfg.learning_rate, cfg.weight_decay, cfg.loraplus_lr_ratio,
             cfg.loraplus_lr_embedding, no_decay)
+        self.ds = None  # DeepSpeed's engine around the model when the run file names a deepspeed config
+        if (ds_config := zero.read_config(cfg.deepspeed, cfg.source)) is not None:
+            ds_config = zero.fill_auto(ds_config, cfg, self.world, examples_per_batch(cfg), model.config.hidden_size,
+                                       self.bf16)
+            self.ds, self.optimizer = zero.initialize(model, self.optimizer, ds_config)
         self.warmup = schedule.warmup_steps(self.total, cfg.warmup_steps, cfg.warmup_ratio)
         self.state = TrainerState()
         self.log: MetricsLog | None = None
         self.stop: Stop | None = None
-        self.bf16 = use_bf16(cfg.bf16, cfg.fp16, self.device)
         self.autocast = lambda: autocast_context(self.device, self.bf16, cfg.fp16)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 else None
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.fp16 and self.ds is None else None  # DeepSpeed scales fp16
         self.checkpointing, self.checkpointing_reason = self._checkpointing()
 
     def _checkpointing(self) -> tuple[bool, str]:
@@ -129,7 +135,7 @@ class Engine:
     def load_state(self, path: Path) -> None:
         """Weights, optimizer, RNG, step and callback state from a checkpoint (writes nothing)."""
         self.callbacks.on_resume(self, checkpoint.read_step(path))
-        self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer)
+        self.state = checkpoint.load_checkpoint(path, self.model, self.optimizer, self.ds)
         self.callbacks.load_state_dict(self.state.watch)
 
     def request_stop(self, reason: str, checkpoint: bool = False) -> None:
@@ -138,6 +144,9 @@ class Engine:
         self.stop = Stop(reason, checkpoint or bool(self.stop and self.stop.checkpoint))
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.ds is not None:  # DeepSpeed averages the processes' gradients; r1tune's losses are parts of a sum
+            self.ds.backward(loss * self.world, scale_wrt_gas=False)
+            return
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def fit(self) -> TrainResult:
@@ -191,6 +200,16 @@ class Engine:
 
     def save_checkpoint(self) -> None:
         self.state.watch = self.callbacks.state_dict()
+        self.state.processes = self.world
+        if self.ds is not None:  # every rank writes its partitions; the main one moves them into the checkpoint
+            staging = self.output_dir / f".deepspeed-{self.state.global_step}"
+            self.ds.save_checkpoint(str(staging), tag=checkpoint.DEEPSPEED_DIR, save_latest=False)
+            distributed.barrier()
+            if self.writes:
+                checkpoint.save_checkpoint(self.output_dir, None, staging / checkpoint.DEEPSPEED_DIR, self.state,
+                                           self.cfg.save_total_limit)
+                shutil.rmtree(staging, ignore_errors=True)
+            return
         if self.fsdp:  # gathered from every rank onto the main one
             weights = fsdp.full_state(self.model, trainable_only=True)
             named = fsdp.full_optimizer_state(self.model, self.optimizer)
@@ -212,15 +231,18 @@ class Engine:
         batches = [self.stage.collate(b) for b in micro]
         n_units = max(1, distributed.sum_floats([sum(self.stage.units(b) for b in batches)])[0])
         weights = [1.0] * len(batches)
-        if self.fsdp:  # every rank runs as many forwards as the busiest (gathering layers is collective)
+        if self.fsdp or self.ds:  # every rank runs as many forwards and backwards as the busiest (they are collective)
             fillers = distributed.max_int(len(batches)) - len(batches)
             batches += [self.stage.collate(whole[0][:1])] * fillers
             weights += [0.0] * fillers
         self.model.train()
         total_loss, tokens = 0.0, 0
         for i, (batch, weight) in enumerate(zip(batches, weights)):
+            last = i == len(batches) - 1
             if self.fsdp:
-                fsdp.set_gradient_sync(self.model, i == len(batches) - 1)
+                fsdp.set_gradient_sync(self.model, last)
+            if self.ds is not None:
+                self.ds.set_gradient_accumulation_boundary(last)
             batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
             with self.autocast():
                 loss_sum, batch_stats = self.stage.loss(self.model, batch)
@@ -230,9 +252,10 @@ class Engine:
                 total_loss += loss.item()
                 tokens += int(batch["num_tokens"])
                 add_stats(stats, batch_stats)
-        if self.world > 1:
+        if self.world > 1 and self.ds is None:
             trainable = [p for p in self.model.parameters() if p.requires_grad]
             distributed.sum_gradients(fsdp.whole_params(trainable) if self.fsdp else trainable)
+        if self.world > 1:
             total_loss, tokens, stats = self._summed(total_loss, tokens, stats)
         self.callbacks.on_backward_end(self, step)
         grad_norm = self._apply_update(step)
@@ -263,6 +286,11 @@ class Engine:
             self.scaler.unscale_(self.optimizer)
         if self.log is not None:  # per-layer norms after unscaling, before clipping
             self.callbacks.on_gradients(self, step)
+        if self.ds is not None:  # DeepSpeed reduces, clips (gradient_clipping), steps and zeroes
+            self.callbacks.before_update(self, step)
+            self.ds.step()
+            self.callbacks.after_update(self, step)
+            return float(self.ds.get_global_grad_norm() or 0.0)
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         if self.fsdp:

@@ -91,3 +91,14 @@ def limit_onednn_cache(capacity: int = ONEDNN_CACHE_SIZE) -> None:
     primitive, so this must run before the first bf16 matmul.
     """
     os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity))
+
+
+def peak_memory_gb(device) -> float:
+    """This process's peak memory so far: allocated GPU memory on CUDA, else the resident set (RSS high-water mark)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9

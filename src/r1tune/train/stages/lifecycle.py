@@ -13,12 +13,13 @@ from pathlib import Path
 
 import torch
 
-from r1tune.config import RunConfig
+from r1tune.config import RunConfig, refusal_message
 from r1tune.data.dataset import PreparedData, write_skipped
 from r1tune.data.epochs import augmented_epochs
 from r1tune.data.leakage import act_on_leakage
 from r1tune.data.prepare import prepare_data
 from r1tune.data.templates import apply_template_choice
+from r1tune.errors import UserError
 from r1tune.fileio import write_text_atomic
 from r1tune.models.adalora import is_adalora, rank_allocation, write_rank_report
 from r1tune.models.expert_selection import select_experts
@@ -29,12 +30,13 @@ from r1tune.models.run_state import MethodState
 from r1tune.models.vocab import add_domain_tokens, read_token_file, resize_and_init
 from r1tune.process import is_main
 from r1tune.stages import stage_data
-from r1tune.train import distributed
+from r1tune.train import distributed, zero
 from r1tune.train.callbacks import Callback
 from r1tune.train.checkpoint import find_checkpoint
 from r1tune.train.engine import Engine, TrainResult, examples_per_batch, total_steps
 from r1tune.train.fsdp import full_state, is_sharded, plan_of
 from r1tune.train.logs import plot_loss
+from r1tune.train.memory import peak_memory_gb
 from r1tune.train.method_callbacks import AdaLoraRanks, ProgressiveUnfreeze
 from r1tune.train.precision import check_precision, pick_device, use_bf16
 from r1tune.train.regularize import apply_regularisation
@@ -57,6 +59,7 @@ class Run:
     model: object = None
     experts: object = None
     method: MethodState = field(default_factory=MethodState)  # what the method left for saving and counting
+    ds: object = None  # DeepSpeed's engine when the run uses one (its ZeRO-3 weights are gathered to save)
 
 
 def prepare(cfg: RunConfig) -> Run | None:
@@ -68,7 +71,7 @@ def prepare(cfg: RunConfig) -> Run | None:
         console.print(f"no checkpoint in {out} yet: starting from step 0")
     check_output_dir(cfg, resuming=resume is not None)
     check_precision(cfg.fp16)
-    plan_of(cfg.fsdp, cfg.fsdp_config, cfg.source)  # its options checked before any work
+    check_strategy(cfg)
     with distributed.main_first():  # rank 0 builds the tiny model and fills the data cache; the others read them
         ensure_tiny_model(cfg.model_name_or_path, cfg.tiny_arch)
         model_path = resolve_model_path(cfg.model_name_or_path)
@@ -84,6 +87,21 @@ def prepare(cfg: RunConfig) -> Run | None:
         console.print("do_train is false: data checked, nothing trained")
         return None
     return Run(cfg, out, resume, model_path, tokenizer, new_ids, data, epochs)
+
+
+def check_strategy(cfg: RunConfig) -> None:
+    """fsdp / deepspeed options checked before any work; ZeRO-3 partitions the output head too, so the loss is
+    taken from full logits through the model's forward (the chunked loss reads the head's weight directly)."""
+    plan_of(cfg.fsdp, cfg.fsdp_config, cfg.source)
+    if zero.stage_of(zero.read_config(cfg.deepspeed, cfg.source)) != 3:
+        return
+    if cfg.stage == "grpo":
+        raise UserError(f"{cfg.source}: {refusal_message('deepspeed', 'stage grpo')} (or use a ZeRO stage 0-2 config)")
+    for key, why in (("chunked_loss", "the chunked loss reads the output head's weight, which ZeRO-3 partitions"),
+                     ("update_heatmap", "the heatmap compares whole weights between steps")):
+        if getattr(cfg, key):
+            raise UserError(f"{cfg.source}: '{key}: true' cannot be used with DeepSpeed ZeRO-3 ({why}); remove {key}")
+        setattr(cfg, key, False)
 
 
 def add_configured_tokens(tokenizer, cfg: RunConfig) -> list[int]:
@@ -124,6 +142,7 @@ def make_engine(run: Run, stage: StageLoss, callbacks: list[Callback]) -> Engine
     items += [AdaLoraRanks()] if is_adalora(model) else []
     engine = Engine(model, cfg, stage, run.data.train, run.data.val, run.out, items, run.epochs,
                     run.experts.no_decay if run.experts else frozenset())
+    run.ds = engine.ds
     precision = "bf16 autocast" if engine.bf16 else ("fp16 autocast" if cfg.fp16 else "fp32")
     cutting = f"cut to <= {engine.micro_tokens} tokens" if engine.micro_tokens else "not cut"
     loss_path = getattr(stage, "loss_sum", None)
@@ -162,15 +181,18 @@ def start(run: Run, engine: Engine) -> None:
 def finish(run: Run, result: TrainResult, before: dict | None, after: dict) -> None:
     """Final model, method reports, eval_results.json (before/after) and the loss plot."""
     result.model = run.model
-    state = full_state(run.model) if is_sharded(run.model) else None  # every rank takes part in gathering
+    state = full_state(run.model) if is_sharded(run.model) else zero.whole_state(run.ds)  # every rank gathers
+    peaks = [round(gb, 3) for gb in distributed.gather_objects(peak_memory_gb(pick_device()))]
     if not is_main():
         return
     cfg, out = run.cfg, run.out
+    if len(peaks) > 1:
+        console.print(f"peak memory per process: {', '.join(f'{gb:.2f}' for gb in peaks)} GB")
     save_final(run.model, run.tokenizer, cfg, out, run.method.pissa_start, state)
     report_method(run.model, cfg, out, run.experts)
     results = {"before": before, "after": after, "global_step": result.global_step,
                "train_loss": result.last_loss, "train_runtime": result.train_runtime,
-               "train_tokens": result.train_tokens}
+               "train_tokens": result.train_tokens, "peak_memory_gb": peaks}
     write_text_atomic(out / "eval_results.json", json.dumps(results, indent=2, ensure_ascii=False))
     if cfg.plot_loss and (png := plot_loss(out)):
         console.print(f"loss curve: {png}")
