@@ -14,10 +14,19 @@ from safetensors.torch import load_file
 
 from r1tune.errors import UserError
 from r1tune.launch import plan_from_env
-from r1tune.train import batching, distributed
-from tests.conftest import write_jsonl
+from r1tune.train import batching, distributed, zero
+from tests.conftest import ROOT, make_cfg, write_jsonl
 
 TIMEOUT = 240  # a hang fails the test instead of the suite
+EXAMPLES = ROOT / "examples" / "distributed"
+LLAMAFACTORY_DS = ["ds_z0_config.json", "ds_z2_config.json", "ds_z2_offload_config.json", "ds_z3_config.json",
+                   "ds_z3_offload_config.json"]
+try:
+    import deepspeed  # noqa: F401
+    HAS_DEEPSPEED = True
+except ImportError:
+    HAS_DEEPSPEED = False
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="pip install deepspeed (the dev extra has it)")
 
 
 def write_run(path, model, data, out, **keys):
@@ -231,3 +240,78 @@ def test_launch_variables_are_checked(env, message):
     with pytest.raises(UserError, match=message):
         plan_from_env(env, 0)
 
+
+
+# --- DeepSpeed ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", LLAMAFACTORY_DS)
+def test_llamafactory_deepspeed_configs_get_their_auto_values(name, tiny_qwen, parity):
+    cfg = make_cfg(tiny_qwen, parity, "out", per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                   max_grad_norm=0.5, deepspeed=str(EXAMPLES / name))
+    filled = zero.fill_auto(zero.read_config(cfg.deepspeed, cfg.source), cfg, world=2, per_device=4, hidden_size=64,
+                            bf16=True)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["gradient_accumulation_steps"],
+            filled["train_batch_size"], filled["gradient_clipping"]) == (4, 2, 16, 0.5)
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    zero_section = filled["zero_optimization"]
+    if zero_section["stage"] == 3:
+        assert (zero_section["reduce_bucket_size"], zero_section["stage3_prefetch_bucket_size"],
+                zero_section["stage3_param_persistence_threshold"]) == (4096, 3686, 640)
+    assert "auto" not in json.dumps(filled)
+    offload = "offload_optimizer" in zero_section
+    assert filled.get("zero_force_ds_cpu_optimizer", True) is (not offload)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_micro_batch_size_per_gpu": 2}, "'train_micro_batch_size_per_gpu' is 2 but the run file gives 4"),
+    ({"optimizer": {"type": "AdamW"}}, "has a 'optimizer' section"),
+    ({"scheduler": {"type": "WarmupLR"}}, "has a 'scheduler' section"),
+    ({"wall_clock_breakdown": "auto"}, "'wall_clock_breakdown' is \"auto\""),
+])
+def test_deepspeed_config_contradictions_are_named(change, message, tiny_qwen, parity):
+    raw = {**json.loads((EXAMPLES / "ds_z2_config.json").read_text()), **change}
+    cfg = make_cfg(tiny_qwen, parity, "out", per_device_train_batch_size=4, deepspeed=raw)
+    with pytest.raises(UserError, match=message):
+        zero.fill_auto(zero.read_config(cfg.deepspeed, cfg.source), cfg, world=1, per_device=4, hidden_size=64,
+                       bf16=False)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("name", ["ds_z2_config.json", "ds_z3_offload_config.json"])
+def test_deepspeed_zero_takes_the_same_steps_as_one_process(name, tiny_qwen, parity, tmp_path):
+    one = ok(train(write_run(tmp_path / "one.yaml", tiny_qwen, parity, tmp_path / "one", per_device_train_batch_size=8),
+                   1))
+    two = ok(train(write_run(tmp_path / "two.yaml", tiny_qwen, parity, tmp_path / "two",
+                             deepspeed=str(EXAMPLES / name)), 2))
+    assert "peak memory per process" in two.stdout and "1 process = 8 examples" in one.stdout
+    for x, y in zip(records(tmp_path / "one"), records(tmp_path / "two")):
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    assert_same_weights(adapter(tmp_path / "one"), adapter(tmp_path / "two"))
+
+
+@needs_deepspeed
+def test_deepspeed_checkpoint_resumes_under_as_many_processes(tiny_qwen, parity, tmp_path):
+    keys = dict(deepspeed=str(EXAMPLES / "ds_z3_config.json"), save_steps=2)
+    ok(train(write_run(tmp_path / "a.yaml", tiny_qwen, parity, tmp_path / "a", **keys), 2))
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert (checkpoint / "deepspeed").is_dir()
+    ok(train(write_run(tmp_path / "b.yaml", tiny_qwen, parity, tmp_path / "b", resume_from_checkpoint=str(checkpoint),
+                       **keys), 2))
+    assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a")[2:], abs=1e-6)
+    assert_same_weights(adapter(tmp_path / "a"), adapter(tmp_path / "b"), atol=0)
+    other = train(write_run(tmp_path / "c.yaml", tiny_qwen, parity, tmp_path / "c", resume_from_checkpoint=str(checkpoint),
+                            per_device_train_batch_size=8, **keys), 1)
+    assert other.returncode == 2 and "written by DeepSpeed with 2 processes" in other.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["sft_lora_ds_z3.yaml", "sft_full_fsdp.yaml"])
+def test_distributed_examples_run_under_two_processes(name, tiny_qwen, tmp_path, monkeypatch):
+    if "ds_" in name and not HAS_DEEPSPEED:
+        pytest.skip("pip install deepspeed")
+    monkeypatch.chdir(ROOT)  # the examples name their files from the repository root
+    out = tmp_path / "out"
+    ok(train(EXAMPLES / name, 2, "r1tune", f"model_name_or_path={tiny_qwen}", f"output_dir={out}", "max_steps=2",
+             "save_steps=1000"))
+    assert [r["step"] for r in records(out)] == [2]  # logging_steps 5: the last step is logged
+    assert json.loads((out / "eval_results.json").read_text())["global_step"] == 2
