@@ -233,7 +233,7 @@ class Engine:
         weights = [1.0] * len(batches)
         if self.fsdp or self.ds:  # every rank runs as many forwards and backwards as the busiest (they are collective)
             fillers = distributed.max_int(len(batches)) - len(batches)
-            batches += [self.stage.collate(whole[0][:1])] * fillers
+            batches += [self.stage.filler(whole[0][0])] * fillers
             weights += [0.0] * fillers
         self.model.train()
         total_loss, tokens = 0.0, 0

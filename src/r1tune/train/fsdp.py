@@ -125,9 +125,8 @@ def shard(model: nn.Module, plan: FsdpPlan) -> int:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    """Whether FSDP manages the model (its parameters may be gathered right now: shard_grad_op after a forward)."""
+    return bool(sharded_units(model))
 
 
 def sharded_units(model: nn.Module) -> list[nn.Module]:
@@ -180,11 +179,14 @@ def full_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torc
     """The unsharded state dict on the main process (CPU tensors; empty elsewhere). Every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    for unit in sharded_units(model):  # shard_grad_op leaves weights gathered after a forward without backward
+        unit.reshard()
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainable_only:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in names}
-    return state
+    # on a CPU run the "offloaded" tensors can share storage with gathered weights FSDP frees again
+    return {k: v.clone() for k, v in state.items()}
 
 
 def full_optimizer_state(model: nn.Module, optimizer) -> dict:

@@ -138,6 +138,12 @@ class GRPOLoss(StageLoss, Callback):
         batch["n_units"] = torch.tensor(sum(r.unit for r in rollouts), dtype=torch.float64)
         return batch
 
+    def filler(self, prompt) -> dict:
+        """A zero-advantage rollout of the prompt and one pad token (see StageLoss.filler)."""
+        rollout = Rollout(prompt.input_ids + [self.pad_id], len(prompt.input_ids), 0.0, 0.0, 0.0, True)
+        rollout.old_logps = rollout.ref_logps = [0.0]
+        return self.collate([rollout])
+
     def units(self, batch: dict) -> float:
         return float(batch["n_units"])
 

@@ -30,6 +30,11 @@ def add_stats(total: Stats, new: Stats) -> None:
 
 
 class StageLoss:
+    def filler(self, example) -> dict:
+        """A micro-batch built from one of the step's examples, which a process trains with weight 0 to run as
+        many forwards and backwards as the busiest process (sharded weights make them collective)."""
+        return self.collate([example])
+
     def begin_step(self, engine, step: int, batches: list[list]) -> tuple[list[list], Stats]:
         """The step's batches as the loss takes them, and statistics to log with the step. Most stages
         train on their examples as they are; GRPO completes its prompts here (rollouts)."""
