@@ -58,3 +58,25 @@ def test_dockerfiles_run_the_server_as_a_non_root_user_with_a_health_check():
         assert extras in " ".join(a for k, a in steps if k == "RUN"), name
         assert kinds.index("USER") < kinds.index("CMD")
     assert "download.pytorch.org/whl/cpu" in (DEPLOY / "Dockerfile.cpu").read_text()
+
+
+def test_multinode_training_job_launches_one_r1tune_per_node():
+    """The Indexed Job's pods are the nodes: NODE_RANK is the completion index, NNODES the completions, and
+    MASTER_ADDR names pod 0 through the headless Service; the variables are the ones r1tune.launch reads."""
+    from r1tune.launch import plan_from_env
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kubernetes-train-multinode.yaml").read_text()) if d}
+    job, service = docs["Job"], docs["Service"]
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    assert int(env["NNODES"]) == spec["completions"]
+    assert "job-completion-index" in env["NODE_RANK"]["fieldRef"]["fieldPath"]
+    assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert int(env["MASTER_PORT"]) == service["spec"]["ports"][0]["port"]
+    assert int(env["NPROC_PER_NODE"]) == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert container["args"][:2] == ["r1tune", "train"] and pod["securityContext"]["runAsNonRoot"] is True
+    plan = plan_from_env({**{k: v for k, v in env.items() if isinstance(v, str)}, "NODE_RANK": "1"}, gpus=8)
+    assert (plan.nnodes, plan.node_rank, plan.nproc_per_node, plan.master_port) == (2, 1, 8, 29500)

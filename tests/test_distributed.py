@@ -2,6 +2,7 @@
 batch, checkpoints that resume under another number of processes, every example once per epoch across ranks,
 preference and GRPO runs, a failing rank ending the job with its own line, and the launch environment."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,11 +22,7 @@ TIMEOUT = 240  # a hang fails the test instead of the suite
 EXAMPLES = ROOT / "examples" / "distributed"
 LLAMAFACTORY_DS = ["ds_z0_config.json", "ds_z2_config.json", "ds_z2_offload_config.json", "ds_z3_config.json",
                    "ds_z3_offload_config.json"]
-try:
-    import deepspeed  # noqa: F401
-    HAS_DEEPSPEED = True
-except ImportError:
-    HAS_DEEPSPEED = False
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="pip install deepspeed (the dev extra has it)")
 
 
@@ -136,6 +133,30 @@ def test_checkpoint_resumes_under_another_number_of_processes(first, then, keys,
     assert "resumed from" in result.stdout
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a")[2:], abs=1e-5)
     assert_same_weights(adapter(tmp_path / "a"), adapter(tmp_path / "b"))
+
+
+def test_two_nodes_on_one_machine_train_as_one_job(tiny_qwen, parity, tmp_path):
+    """NNODES=2 with one process per node, both "nodes" on this machine (NODE_RANK 0 and 1, the same MASTER_ADDR
+    and MASTER_PORT): the multi-node launch path, with the same steps as one process."""
+    from r1tune.launch import free_port
+
+    one = write_run(tmp_path / "one.yaml", tiny_qwen, parity, tmp_path / "one", per_device_train_batch_size=8)
+    ok(train(one, 1))
+    run = write_run(tmp_path / "run.yaml", tiny_qwen, parity, tmp_path / "two")
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_TORCHRUN", "NPROC_PER_NODE", "WORLD_SIZE")}
+    env.update(NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    command = [sys.executable, "-m", "r1tune", "train", str(run)]
+    nodes = [subprocess.Popen(command, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for rank in (0, 1)]
+    try:
+        results = [node.communicate(timeout=TIMEOUT) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "1 per node x 2 nodes; node rank 1" in results[1][1]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
 
 
 @pytest.mark.parametrize("world", [2, 3])

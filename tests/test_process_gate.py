@@ -54,7 +54,7 @@ def test_the_cli_on_rank_1_prints_no_notes_either(tiny_qwen, tmp_path, monkeypat
     out = tmp_path / "out"
     config = tmp_path / "run.yaml"
     keys = dict(model_name_or_path=str(tiny_qwen), dataset=str(data), output_dir=str(out), max_steps=2,
-                save_steps=1, per_device_train_batch_size=4, cutoff_len=64, bf16=False, ddp_timeout=180,
+                save_steps=1, per_device_train_batch_size=4, cutoff_len=64, bf16=False, dataloader_num_workers=2,
                 pref_beta=0.2)
     config.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()), encoding="utf-8")
     capfd.readouterr()
@@ -66,7 +66,7 @@ def test_the_cli_on_rank_1_prints_no_notes_either(tiny_qwen, tmp_path, monkeypat
     monkeypatch.setenv("RANK", "0")  # the same notes do show on the main process
     assert main(["train", str(config)]) == 0
     err = capfd.readouterr().err
-    assert "ignoring 'ddp_timeout'" in err and "'pref_beta' applies to stage dpo / kto" in err, err
+    assert "ignoring 'dataloader_num_workers'" in err and "'pref_beta' applies to stage dpo / kto" in err, err
     assert (out / "adapter_model.safetensors").is_file()
 
 

@@ -18,6 +18,7 @@ EXTRAS = {
     "serve": (("fastapi", "uvicorn", "prometheus-client"), "r1tune serve"),
     "export": (("onnx", "onnxruntime", "onnxscript", "gguf"),
                "r1tune export with export_onnx (onnx, onnxruntime, onnxscript) or export_gguf (gguf)"),
+    "deepspeed": (("deepspeed",), "the deepspeed key (ZeRO-0/2/3, CPU offload; docs/distributed.md)"),
 }
 # Not an extra (CUDA only, built against the user's torch): what attn_implementation: flash_attention_2 loads.
 FLASH_ATTN = ("flash-attn", "attn_implementation: flash_attention_2 (CUDA only; pip install flash-attn)")

@@ -181,8 +181,8 @@ def start(run: Run, engine: Engine) -> None:
 def finish(run: Run, result: TrainResult, before: dict | None, after: dict) -> None:
     """Final model, method reports, eval_results.json (before/after) and the loss plot."""
     result.model = run.model
+    peaks = [round(gb, 3) for gb in distributed.gather_objects(peak_memory_gb(pick_device()))]  # before gathering
     state = full_state(run.model) if is_sharded(run.model) else zero.whole_state(run.ds)  # every rank gathers
-    peaks = [round(gb, 3) for gb in distributed.gather_objects(peak_memory_gb(pick_device()))]
     if not is_main():
         return
     cfg, out = run.cfg, run.out
