@@ -201,14 +201,8 @@ class Engine:
     def save_checkpoint(self) -> None:
         self.state.watch = self.callbacks.state_dict()
         self.state.processes = self.world
-        if self.ds is not None:  # every rank writes its partitions; the main one moves them into the checkpoint
-            staging = self.output_dir / f".deepspeed-{self.state.global_step}"
-            self.ds.save_checkpoint(str(staging), tag=checkpoint.DEEPSPEED_DIR, save_latest=False)
-            distributed.barrier()
-            if self.writes:
-                checkpoint.save_checkpoint(self.output_dir, None, staging / checkpoint.DEEPSPEED_DIR, self.state,
-                                           self.cfg.save_total_limit)
-                shutil.rmtree(staging, ignore_errors=True)
+        if self.ds is not None:
+            self._save_deepspeed_checkpoint()
             return
         if self.fsdp:  # gathered from every rank onto the main one
             weights = fsdp.full_state(self.model, trainable_only=True)
@@ -221,28 +215,25 @@ class Engine:
             checkpoint.save_checkpoint(self.output_dir, weights, optimizer_state, self.state,
                                        self.cfg.save_total_limit)
 
+    def _save_deepspeed_checkpoint(self) -> None:
+        """Every rank writes its partitions (DeepSpeed's files); the main one moves them into the checkpoint."""
+        staging = self.output_dir / f".deepspeed-{self.state.global_step}"
+        self.ds.save_checkpoint(str(staging), tag=checkpoint.DEEPSPEED_DIR, save_latest=False)
+        distributed.barrier()
+        if self.writes:
+            checkpoint.save_checkpoint(self.output_dir, None, staging / checkpoint.DEEPSPEED_DIR, self.state,
+                                       self.cfg.save_total_limit)
+            shutil.rmtree(staging, ignore_errors=True)
+
     def train_step(self, step: int) -> tuple[float, int, float, dict]:
         """One optimizer step; returns (mean loss, non-pad tokens, grad norm, the stage's statistics), each over
         all ranks."""
-        whole = self.plan.micro_batches(step // self.repeats)
-        shares = [part for batch in whole if (part := distributed.share(batch))]
-        step_batches, stats = self.stage.begin_step(self, step, shares)
-        micro = [part for batch in step_batches for part in self.stage.split(batch, self.micro_tokens)]
-        batches = [self.stage.collate(b) for b in micro]
-        n_units = max(1, distributed.sum_floats([sum(self.stage.units(b) for b in batches)])[0])
-        weights = [1.0] * len(batches)
-        if self.fsdp or self.ds:  # every rank runs as many forwards and backwards as the busiest (they are collective)
-            fillers = distributed.max_int(len(batches)) - len(batches)
-            batches += [self.stage.filler(whole[0][0])] * fillers
-            weights += [0.0] * fillers
+        batches, weights, stats = self._step_batches(step)
+        n_units = max(1, distributed.sum_floats([sum(self.stage.units(b) for b, w in zip(batches, weights) if w)])[0])
         self.model.train()
         total_loss, tokens = 0.0, 0
         for i, (batch, weight) in enumerate(zip(batches, weights)):
-            last = i == len(batches) - 1
-            if self.fsdp:
-                fsdp.set_gradient_sync(self.model, last)
-            if self.ds is not None:
-                self.ds.set_gradient_accumulation_boundary(last)
+            self._mark_last_backward(i == len(batches) - 1)
             batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
             with self.autocast():
                 loss_sum, batch_stats = self.stage.loss(self.model, batch)
@@ -252,10 +243,8 @@ class Engine:
                 total_loss += loss.item()
                 tokens += int(batch["num_tokens"])
                 add_stats(stats, batch_stats)
-        if self.world > 1 and self.ds is None:
-            trainable = [p for p in self.model.parameters() if p.requires_grad]
-            distributed.sum_gradients(fsdp.whole_params(trainable) if self.fsdp else trainable)
         if self.world > 1:
+            self._sum_gradients()
             total_loss, tokens, stats = self._summed(total_loss, tokens, stats)
         self.callbacks.on_backward_end(self, step)
         grad_norm = self._apply_update(step)
@@ -263,6 +252,36 @@ class Engine:
         if self.device.type == "cpu":
             release_free_memory()
         return total_loss, tokens, grad_norm, stats
+
+    def _step_batches(self, step: int) -> tuple[list[dict], list[float], dict]:
+        """This rank's collated micro-batches of the step, their loss weights (0: a filler) and the stage's
+        statistics. Sharded weights make every forward and backward collective, so then every rank runs as many
+        micro-batches as the busiest one, the others adding zero-weight fillers."""
+        whole = self.plan.micro_batches(step // self.repeats)
+        shares = [part for batch in whole if (part := distributed.share(batch))]
+        step_batches, stats = self.stage.begin_step(self, step, shares)
+        batches = [self.stage.collate(part) for batch in step_batches
+                   for part in self.stage.split(batch, self.micro_tokens)]
+        weights = [1.0] * len(batches)
+        if self.fsdp or self.ds:
+            fillers = distributed.max_int(len(batches)) - len(batches)
+            batches += [self.stage.filler(whole[0][0])] * fillers
+            weights += [0.0] * fillers
+        return batches, weights, stats
+
+    def _mark_last_backward(self, last: bool) -> None:
+        """FSDP and DeepSpeed reduce the gradients over the ranks in the step's last backward only."""
+        if self.fsdp:
+            fsdp.set_gradient_sync(self.model, last)
+        if self.ds is not None:
+            self.ds.set_gradient_accumulation_boundary(last)
+
+    def _sum_gradients(self) -> None:
+        """Plain data parallelism: every gradient; FSDP: the whole (unsharded) ones; DeepSpeed: none (it sums)."""
+        if self.ds is not None:
+            return
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.sum_gradients(fsdp.whole_params(trainable) if self.fsdp else trainable)
 
     @staticmethod
     def _summed(loss: float, tokens: int, stats: dict) -> tuple[float, int, dict]:
