@@ -312,7 +312,8 @@ def test_deepspeed_zero_takes_the_same_steps_as_one_process(name, tiny_qwen, par
 
 
 @needs_deepspeed
-def test_deepspeed_checkpoint_resumes_under_as_many_processes(tiny_qwen, parity, tmp_path):
+def test_deepspeed_zero3_checkpoint_resumes_under_any_number_of_processes(tiny_qwen, parity, tmp_path):
+    """Same count: DeepSpeed's own files, bit-identical; another count: converted once by ds_to_universal."""
     keys = dict(deepspeed=str(EXAMPLES / "ds_z3_config.json"), save_steps=2)
     ok(train(write_run(tmp_path / "a.yaml", tiny_qwen, parity, tmp_path / "a", **keys), 2))
     checkpoint = tmp_path / "a" / "checkpoint-2"
@@ -321,9 +322,22 @@ def test_deepspeed_checkpoint_resumes_under_as_many_processes(tiny_qwen, parity,
                        **keys), 2))
     assert losses(tmp_path / "b") == pytest.approx(losses(tmp_path / "a")[2:], abs=1e-6)
     assert_same_weights(adapter(tmp_path / "a"), adapter(tmp_path / "b"), atol=0)
-    other = train(write_run(tmp_path / "c.yaml", tiny_qwen, parity, tmp_path / "c", resume_from_checkpoint=str(checkpoint),
-                            per_device_train_batch_size=8, **keys), 1)
-    assert other.returncode == 2 and "written by DeepSpeed with 2 processes" in other.stderr.strip().splitlines()[-1]
+    ok(train(write_run(tmp_path / "c.yaml", tiny_qwen, parity, tmp_path / "c", resume_from_checkpoint=str(checkpoint),
+                       per_device_train_batch_size=8, **keys), 1))
+    assert (checkpoint / "deepspeed_universal").is_dir()
+    assert losses(tmp_path / "c") == pytest.approx(losses(tmp_path / "a")[2:], abs=1e-5)
+    assert_same_weights(adapter(tmp_path / "a"), adapter(tmp_path / "c"))
+
+
+@needs_deepspeed
+def test_deepspeed_zero2_checkpoint_needs_as_many_processes(tiny_qwen, parity, tmp_path):
+    keys = dict(deepspeed=str(EXAMPLES / "ds_z2_config.json"), save_steps=2)
+    ok(train(write_run(tmp_path / "a.yaml", tiny_qwen, parity, tmp_path / "a", **keys), 2))
+    other = train(write_run(tmp_path / "c.yaml", tiny_qwen, parity, tmp_path / "c", per_device_train_batch_size=8,
+                            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"), **keys), 1)
+    assert other.returncode == 2, other.stderr[-2000:]
+    assert "written by DeepSpeed ZeRO-2 with 2 processes" in other.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("name", ["sft_lora_ds_z3.yaml", "sft_full_fsdp.yaml"])

@@ -25,6 +25,7 @@ WEIGHTS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.safetensors"
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's own files (its pickle-based format): resume only from checkpoints you wrote
+UNIVERSAL_DIR = "deepspeed_universal"  # the same converted for another number of processes (written at resume)
 
 
 @dataclass
@@ -153,13 +154,40 @@ def _load_deepspeed(path: Path, ds, hint: str) -> TrainerState:
     if ds is None or not (path / DEEPSPEED_DIR).is_dir():
         raise UserError(f"checkpoint '{path}' was written {'with' if ds is None else 'without'} DeepSpeed and this run "
                         f"is {'not' if ds is None else ''} using it; {hint}")
-    if state.processes != world_size():
-        raise UserError(f"checkpoint '{path}' was written by DeepSpeed with {state.processes} processes, whose states "
-                        f"are partitioned per process; resume it with {state.processes} processes (DeepSpeed's "
-                        "ds_to_universal converts a checkpoint for another count)")
-    loaded, _ = ds.load_checkpoint(str(path), tag=DEEPSPEED_DIR, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
+    tag = DEEPSPEED_DIR
+    if state.processes != world_size() and ds.zero_optimization_stage() < 3:
+        # converted by ds_to_universal, ZeRO-1/2 checkpoints of plain (non-Megatron) models loaded back with
+        # the weights of the start of the run here (losses after resuming differed by 0.9)
+        raise UserError(f"checkpoint '{path}' was written by DeepSpeed ZeRO-{ds.zero_optimization_stage()} with "
+                        f"{state.processes} processes, whose states are partitioned per process; resume it with "
+                        f"{state.processes} processes (a ZeRO-3 checkpoint can change the count)")
+    if state.processes != world_size():  # partitioned for another count: through DeepSpeed's universal format
+        tag = _universal_copy(path)
+        ds._config.load_universal_checkpoint = True  # read by load_checkpoint only
+    loaded, _ = ds.load_checkpoint(str(path), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
     if loaded is None:
         raise UserError(f"checkpoint '{path}': DeepSpeed could not load its files; {hint}")
     torch.set_rng_state(rng["cpu"])
     return state
+
+
+def _universal_copy(path: Path) -> str:
+    """The checkpoint's DeepSpeed files converted by DeepSpeed's ds_to_universal (rank 0, once, beside them), which
+    any number of processes can load; the folder's name (a load_checkpoint tag)."""
+    import contextlib
+    import io
+    from argparse import Namespace
+
+    from r1tune.process import rank
+    from r1tune.train.distributed import barrier
+
+    target = path / UNIVERSAL_DIR
+    if rank() == 0 and not target.is_dir():
+        from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+        with atomic_folder(target) as tmp, contextlib.redirect_stdout(io.StringIO()):
+            to_universal(Namespace(input_folder=str(path / DEEPSPEED_DIR), output_folder=str(tmp),
+                                   num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=True))
+    barrier()
+    return UNIVERSAL_DIR
