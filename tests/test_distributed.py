@@ -72,7 +72,9 @@ def adapter(out):
     return load_file(str(out / "adapter_model.safetensors"))
 
 
-def assert_same_weights(a, b, atol=1e-5):
+def assert_same_weights(a, b, atol=5e-5):
+    """Adam divides by the gradients' own scale, so summation-order noise in near-zero gradients reaches the weights
+    at about 1e-5 (1.08e-5 with ATen capped to AVX2); a missing gradient sum moves them by about lr (1e-3)."""
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
