@@ -118,7 +118,7 @@ def initialize(model, optimizer, config: dict):
 
 
 def _skip_cpu_shared_memory_op(deepspeed) -> None:
-    """On CPU, DeepSpeed builds a shared-memory all-reduce op with the C++ compiler at its first use (about 90 s,
+    """On CPU, DeepSpeed builds a shared-memory all-reduce op with the C++ compiler at its first use (minutes,
     and it fails without a compiler); r1tune's gloo process group does the same sums."""
     if torch.cuda.is_available():
         return
